@@ -1,0 +1,94 @@
+"""Checkpoints with Orbax: the best train state, saved only when the monitored metric
+improves (Keras' ModelCheckpoint(save_best_only=True)), in `<dir>/<epoch>/`.
+
+One CheckpointManager keeps the latest save (LatestN(1)); since a save happens only on an
+improvement, the latest save is the best. Choosing "best" here rather than with Orbax's
+BestN keeps Keras' tie rule (the first best epoch wins; BestN keeps the last) and lets the
+early-stopping value own best_epoch. Saves are synchronous: the state is small, and a save
+that has returned is on disk.
+
+Plain Orbax reads a checkpoint back without this module:
+    ocp.CheckpointManager(dir).restore(epoch)  # -> nested dicts of arrays
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from mnist_jax.errors import CheckpointError
+
+
+class BestCheckpoint:
+    """The best state so far, under `directory/<epoch>/`. Use as a context manager."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(1),
+            enable_async_checkpointing=False,
+            create=True,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointError(f"cannot create checkpoint folder {self.directory}: "
+                                  f"{e.strerror or e}") from None
+
+    def save(self, epoch: int, state, metrics: dict[str, float]) -> Path:
+        """Save `state` as the checkpoint of `epoch`, with `metrics` (Python floats)."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        try:
+            self._manager.save(epoch, args=ocp.args.StandardSave(state), metrics=metrics)
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint {self.directory / str(epoch)}: "
+                                  f"{e.strerror or e}") from None
+        return self.directory / str(epoch)
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the checkpoint on disk, or None."""
+        return self._manager.latest_step()
+
+    def restore(self, like, epoch: int | None = None):
+        """The saved state, with the structure, shapes and dtypes of `like`."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        return restore_state(self.directory, epoch, like, manager=self._manager)
+
+    def close(self) -> None:
+        self._manager.close()  # errors surface here; never swallow them
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def restore_state(directory: str | os.PathLike, epoch: int, like, *, manager=None):
+    """Read the state of `epoch` under `directory` into the structure of `like`."""
+    directory = Path(directory).absolute()
+    own = manager is None
+    try:
+        if own:
+            manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+                read_only=True, create=False))
+        if epoch not in manager.all_steps():
+            raise CheckpointError(f"no checkpoint for epoch {epoch} in {directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax raises many types for unreadable or mismatched files
+        raise CheckpointError(f"cannot restore epoch {epoch} from {directory}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                              ) from None
+    finally:
+        if own and manager is not None:
+            manager.close()

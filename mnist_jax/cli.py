@@ -1,0 +1,136 @@
+"""What the command-line entry points share: flags, config building, the output folder,
+and turning a UserError into one line on stderr and exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from mnist_jax import data as data_lib
+from mnist_jax.config import ENGINES, TrainConfig
+from mnist_jax.errors import ConfigError, UserError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of positive integers") from None
+    return values
+
+
+def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The flags every training entry point takes; defaults are the notebook's protocol."""
+    d = TrainConfig()
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="folder holding the four MNIST .gz files, used offline after "
+                             "checking tensorflow-datasets' registered checksums (default: "
+                             f"${data_lib.DATA_DIR_ENV}, else download once into "
+                             f"{data_lib.DEFAULT_CACHE})")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder, new or empty (default: {default_out}/<date-time>)")
+    parser.set_defaults(default_out=default_out)
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs,
+                        help=f"most epochs to train (default: {d.epochs})")
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                        help=f"training batch size (default: {d.batch_size})")
+    parser.add_argument("--patience", type=non_negative_int, default=d.patience,
+                        help="early stopping: epochs without val_accuracy improvement before "
+                             f"stopping (default: {d.patience})")
+    parser.add_argument("--seed", type=non_negative_int, default=d.seed,
+                        help=f"seed of every random draw: init, dropout, shuffling (default: {d.seed})")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                        help=f"Adam learning rate (default: {d.learning_rate})")
+    parser.add_argument("--engine", choices=ENGINES, default=d.engine,
+                        help="'scan': the epoch as one compiled program; 'loop': one compiled "
+                             "step per batch; 'auto' picks the faster for the backend")
+    parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
+                        help="use only the first N training and N/6 validation images "
+                             "(for quick checks; the study's numbers need the full sets)")
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                       patience=args.patience, learning_rate=args.learning_rate,
+                       engine=args.engine)
+
+
+def load_data(args) -> data_lib.Dataset:
+    dataset = data_lib.load_mnist(args.data_dir)
+    if args.train_limit is not None:
+        n = args.train_limit
+        dataset = data_lib.Dataset(
+            train=data_lib.Arrays(*(a[:n] for a in dataset.train)),
+            test=data_lib.Arrays(*(a[:max(n // 6, 1)] for a in dataset.test)))
+    return dataset
+
+
+def prepare_out_dir(out: str | None, default_root: str | None = None) -> Path:
+    """A new or empty output folder. A folder already holding files is refused, so no
+    earlier result is overwritten."""
+    if out is None:
+        out = Path(default_root or "runs") / time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"--out {path} already holds files; choose a new or empty folder "
+                        f"(nothing was overwritten)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable")
+    return path
+
+
+def run_main(body: Callable[[], None]) -> int:
+    """Run a command's body; a UserError becomes 'error: ...' on stderr and exit 2."""
+    try:
+        body()
+    except (UserError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: files written so far are complete (each write is atomic)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def log(line: str) -> None:
+    """Print a line, first clearing a progress line left on a terminal."""
+    print(("\r\033[K" if sys.stdout.isatty() else "") + line, flush=True)
+
+
+def progress(text: str) -> None:
+    """A transient status line on a terminal; nothing in logs and pipes."""
+    if sys.stdout.isatty():
+        sys.stdout.write("\r\033[K" + text)
+        sys.stdout.flush()

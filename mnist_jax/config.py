@@ -1,0 +1,117 @@
+"""Frozen configuration. The defaults reproduce the Keras notebook; variants come from
+`dataclasses.replace`. Tuples, not lists, so configs are hashable static jit arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mnist_jax.errors import ConfigError
+
+CONV_IMPLS = ("auto", "xla", "patches")
+POOL_IMPLS = ("auto", "window", "reshape")
+ENGINES = ("auto", "loop", "scan")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A CNN: conv blocks (3x3 VALID conv, ReLU, 2x2 max-pool), then a dense head.
+
+    `conv_impl` and `pool_impl` choose how XLA computes the same function (see model.py);
+    "auto" picks the fastest measured formulation for the backend at build time.
+    """
+
+    conv_features: tuple[int, ...] = (32, 32)
+    kernel_size: int = 3
+    pool_size: int = 2
+    dense_features: tuple[int, ...] = (128,)
+    dropout_rate: float = 0.5
+    num_classes: int = 10
+    image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
+
+    def __post_init__(self):
+        _require(len(self.conv_features) >= 1, "conv_features needs at least one conv block")
+        _require(all(isinstance(f, int) and f > 0 for f in self.conv_features),
+                 f"conv_features must be positive integers, got {self.conv_features}")
+        _require(all(isinstance(f, int) and f > 0 for f in self.dense_features),
+                 f"dense_features must be positive integers, got {self.dense_features}")
+        _require(self.kernel_size >= 1 and self.pool_size >= 1,
+                 "kernel_size and pool_size must be at least 1")
+        _require(0.0 <= self.dropout_rate < 1.0,
+                 f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        _require(self.num_classes >= 2, f"num_classes must be at least 2, got {self.num_classes}")
+        _require(self.conv_impl in CONV_IMPLS, f"conv_impl must be one of {CONV_IMPLS}")
+        _require(self.pool_impl in POOL_IMPLS, f"pool_impl must be one of {POOL_IMPLS}")
+        self.feature_map_sizes()  # refuses a depth the image cannot hold
+
+    def feature_map_sizes(self) -> list[tuple[int, int]]:
+        """Spatial size (H, W) after each conv block; raises ConfigError below 1x1."""
+        h, w, _ = self.image_shape
+        sizes = []
+        for i, _ in enumerate(self.conv_features):
+            h, w = h - self.kernel_size + 1, w - self.kernel_size + 1  # VALID conv
+            if h < 1 or w < 1:
+                raise ConfigError(
+                    f"conv block {i + 1} of {len(self.conv_features)} gets a "
+                    f"{h + self.kernel_size - 1}x{w + self.kernel_size - 1} map, smaller than "
+                    f"its {self.kernel_size}x{self.kernel_size} kernel: use fewer conv blocks")
+            h, w = h // self.pool_size, w // self.pool_size  # VALID pooling floors
+            if h < 1 or w < 1:
+                raise ConfigError(
+                    f"conv block {i + 1} of {len(self.conv_features)} pools the feature map "
+                    f"below 1x1: use fewer conv blocks")
+            sizes.append((h, w))
+        return sizes
+
+    @property
+    def flatten_width(self) -> int:
+        h, w = self.feature_map_sizes()[-1]
+        return h * w * self.conv_features[-1]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training protocol. Defaults: the notebook (Adam 1e-3, batch 32, 20 epochs,
+    EarlyStopping on val_accuracy with patience 5 and restore_best_weights)."""
+
+    seed: int = 0
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    eval_batch_size: int = 1000
+    monitor: str = "val_accuracy"
+    mode: str = "max"
+    patience: int = 5
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    engine: str = "auto"
+    resource_interval_s: float = 0.5
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
+        _require(self.eval_batch_size >= 1,
+                 f"eval batch size must be at least 1, got {self.eval_batch_size}")
+        _require(self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}")
+        _require(self.patience >= 0, f"patience must be 0 or more, got {self.patience}")
+        _require(self.min_delta >= 0, f"min_delta must be 0 or more, got {self.min_delta}")
+        _require(self.mode in ("max", "min"), f"mode must be 'max' or 'min', got {self.mode!r}")
+        _require(self.monitor in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"),
+                 f"monitor must be val_accuracy, val_loss, train_accuracy or train_loss, "
+                 f"got {self.monitor!r}")
+        _require(self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}")
+        _require(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        _require(self.resource_interval_s > 0, "resource_interval_s must be positive")
+
+
+def to_dict(config: Any) -> dict:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

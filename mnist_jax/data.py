@@ -1,0 +1,152 @@
+"""MNIST in memory: [N, 28, 28, 1] uint8 images and [N] int32 labels.
+
+The four original files are fetched and checked by tensorflow-datasets' own download
+manager against the checksums tensorflow-datasets registers for its `mnist` dataset. Its
+manual folder comes first, so a folder already holding the files (`--data-dir`, or the
+environment variable MNIST_JAX_DATA_DIR) works offline; without one the files are
+downloaded once into a cache. Only the download manager is used: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from mnist_jax.errors import DataError
+
+DATA_DIR_ENV = "MNIST_JAX_DATA_DIR"
+DEFAULT_CACHE = Path.home() / ".cache" / "mnist_jax"
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+# (split, kind) -> attribute of tensorflow-datasets' mnist module naming the file
+_TFDS_FILENAME_ATTRS = {
+    ("train", "images"): "_MNIST_TRAIN_DATA_FILENAME",
+    ("train", "labels"): "_MNIST_TRAIN_LABELS_FILENAME",
+    ("test", "images"): "_MNIST_TEST_DATA_FILENAME",
+    ("test", "labels"): "_MNIST_TEST_LABELS_FILENAME",
+}
+_IDX_MAGIC = {"images": 2051, "labels": 2049}  # IDX headers: ubyte data, 3 or 1 dimensions
+
+
+class Arrays(NamedTuple):
+    images: np.ndarray  # [N, 28, 28, 1] uint8
+    labels: np.ndarray  # [N] int32
+
+
+class Dataset(NamedTuple):
+    train: Arrays
+    test: Arrays
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The offline folder: the argument, else $MNIST_JAX_DATA_DIR, else None (download)."""
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    return Path(chosen).expanduser() if chosen is not None else None
+
+
+def fetch_files(data_dir: str | os.PathLike | None = None) -> dict[tuple[str, str], Path]:
+    """Paths of the four verified MNIST files, keyed by (split, "images" | "labels").
+
+    Raises DataError, naming the file, when one is missing, truncated or corrupt.
+    """
+    import tensorflow_datasets as tfds  # heavy: imported only when data is needed
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+    from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+    names = {key: getattr(tfds_mnist, attr) for key, attr in _TFDS_FILENAME_ATTRS.items()}
+    manual_dir = resolve_data_dir(data_dir)
+    if manual_dir is not None:
+        if not manual_dir.is_dir():
+            raise DataError(f"data folder {manual_dir} does not exist")
+        for name in names.values():
+            if not (manual_dir / name).is_file():
+                # Without this check the download manager would try the network.
+                raise DataError(f"data folder {manual_dir} has no {name}")
+    urls = {f"{split}_{kind}": tfds_mnist._MNIST_URL + name
+            for (split, kind), name in names.items()}
+    tfds.display_progress_bar(False)
+    with tempfile.TemporaryDirectory() as scratch:
+        download_dir = scratch if manual_dir is not None else DEFAULT_CACHE / "downloads"
+        manager = tfds.download.DownloadManager(
+            download_dir=download_dir, manual_dir=manual_dir, dataset_name="mnist")
+        try:
+            paths = manager.download(urls)
+        except NonMatchingChecksumError as e:
+            bad = next((n for n in names.values() if n in str(e)), "a file")
+            raise DataError(f"{bad} does not match the checksum tensorflow-datasets registers "
+                            f"for it (truncated or corrupt): replace it") from None
+        except Exception as e:  # network or file-system failures of the download itself
+            raise DataError(f"could not get MNIST ({type(e).__name__}: {_first_line(e)}); "
+                            f"offline, pass --data-dir with the four files") from None
+    return {(split, kind): Path(paths[f"{split}_{kind}"]) for split, kind in names}
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """Decode a gzipped IDX file: images -> [N, 28, 28, 1] uint8, labels -> [N] int32."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path.name} is not a readable gzip file ({_first_line(e)})") from None
+    ndim = 3 if kind == "images" else 1
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != _IDX_MAGIC[kind]:
+        raise DataError(f"{path.name} is not an IDX {kind} file")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"{path.name} holds {len(raw) - header} bytes of data, "
+                        f"its header promises {int(np.prod(dims))}")
+    data = np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    if kind == "images":
+        if tuple(dims[1:]) != IMAGE_SHAPE[:2]:
+            raise DataError(f"{path.name} holds {dims[1]}x{dims[2]} images, not 28x28")
+        return data[..., None].copy()
+    if data.max(initial=0) >= NUM_CLASSES:
+        raise DataError(f"{path.name} has a label outside 0..9")
+    return data.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(data_dir: Path | None) -> Dataset:
+    files = fetch_files(data_dir)
+    splits = {}
+    for split in ("train", "test"):
+        images = read_idx(files[(split, "images")], "images")
+        labels = read_idx(files[(split, "labels")], "labels")
+        if len(images) != len(labels):
+            raise DataError(f"MNIST {split} has {len(images)} images but {len(labels)} labels")
+        splits[split] = Arrays(images, labels)
+    return Dataset(**splits)
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """MNIST train (60,000) and test (10,000), read once per process and kept in memory."""
+    return _load_cached(resolve_data_dir(data_dir))
+
+
+def synthetic(num_train: int = 512, num_test: int = 256, seed: int = 0,
+              noise: float = 48.0) -> Dataset:
+    """A small learnable stand-in for MNIST, for fast tests: each class is a fixed random
+    28x28 pattern, and every example is its class pattern plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.uniform(0, 255, (NUM_CLASSES, *IMAGE_SHAPE))
+
+    def make(n):
+        labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+        images = prototypes[labels] + rng.normal(0, noise, (n, *IMAGE_SHAPE))
+        return Arrays(np.clip(images, 0, 255).astype(np.uint8), labels)
+
+    return Dataset(train=make(num_train), test=make(num_test))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,111 @@
+"""The CNN, built from a ModelConfig. Depth is data: a 3-conv model is a longer tuple.
+
+Two formulations of the same function exist for convolution and for max-pooling, because
+XLA:CPU runs them at very different speeds (../PERF_NOTES in the docs, and the benchmark):
+- conv "xla": `lax.conv_general_dilated` (cuDNN on GPU). conv "patches": the k*k shifted
+  slices of the input concatenated on the channel axis, then one matmul with the same
+  kernel reshaped; XLA:CPU keeps this fast inside loops, where its convolution is not.
+- pool "window": `nn.max_pool` (reduce_window, whose gradient is select-and-scatter, slow
+  on XLA:CPU). pool "reshape": crop to a multiple of the window, reshape to
+  [B, H/p, p, W/p, p, C] and take the max over the two window axes.
+Both pairs share parameter names and shapes, so one set of parameters runs under either.
+Initialisers follow Keras (glorot_uniform kernels, zero biases) so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mnist_jax.config import ModelConfig
+
+kernel_init = nn.initializers.glorot_uniform()  # Keras' default
+bias_init = nn.initializers.zeros
+
+
+def resolve_impls(config: ModelConfig, backend: str | None = None) -> ModelConfig:
+    """Replace "auto" formulations by the fastest measured one for `backend`.
+
+    On CPU: shifted-slice convolution and reshape pooling (fast both as top-level ops and
+    inside a compiled loop). On GPU/TPU: XLA's own convolution and pooling (cuDNN).
+    """
+    backend = backend or jax.default_backend()
+    on_cpu = backend == "cpu"
+    conv = config.conv_impl if config.conv_impl != "auto" else ("patches" if on_cpu else "xla")
+    pool = config.pool_impl if config.pool_impl != "auto" else ("reshape" if on_cpu else "window")
+    return dataclasses.replace(config, conv_impl=conv, pool_impl=pool)
+
+
+class Conv(nn.Module):
+    """A square VALID convolution with stride 1, in one of two formulations."""
+
+    features: int
+    kernel_size: int
+    impl: str  # "xla" | "patches"
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, Cin] float32
+        k, cin = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", kernel_init, (k, k, cin, self.features))  # HWIO
+        bias = self.param("bias", bias_init, (self.features,))
+        if self.impl == "xla":
+            y = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=(1, 1), padding="VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif self.impl == "patches":
+            ho, wo = x.shape[1] - k + 1, x.shape[2] - k + 1
+            # Channel order (i, j, c) matches kernel.reshape(k*k*cin, features).
+            patches = jnp.concatenate(
+                [x[:, i:i + ho, j:j + wo, :] for i in range(k) for j in range(k)], axis=-1)
+            y = patches @ kernel.reshape(k * k * cin, self.features)  # [B, ho, wo, F]
+        else:
+            raise ValueError(f"unresolved conv impl {self.impl!r}: call resolve_impls first")
+        return y + bias
+
+
+def max_pool(x, size: int, impl: str):
+    """size x size max-pooling with stride size and VALID padding (odd edges dropped)."""
+    if impl == "window":
+        return nn.max_pool(x, (size, size), strides=(size, size), padding="VALID")
+    if impl == "reshape":
+        b, h, w, c = x.shape
+        ho, wo = h // size, w // size
+        x = x[:, :ho * size, :wo * size, :]
+        return x.reshape(b, ho, size, wo, size, c).max(axis=(2, 4))
+    raise ValueError(f"unresolved pool impl {impl!r}: call resolve_impls first")
+
+
+class CNN(nn.Module):
+    """Conv blocks (conv, ReLU, max-pool), flatten, dense head with dropout, logits."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, images, *, train: bool):  # images: [B, H, W, C] float32 in [0, 1]
+        cfg = self.config
+        x = images
+        for i, features in enumerate(cfg.conv_features):
+            x = Conv(features, cfg.kernel_size, cfg.conv_impl, name=f"conv{i}")(x)
+            x = max_pool(nn.relu(x), cfg.pool_size, cfg.pool_impl)
+        x = x.reshape(x.shape[0], -1)  # [B, flatten_width], NHWC row-major as Keras' Flatten
+        for j, features in enumerate(cfg.dense_features):
+            x = nn.Dense(features, kernel_init=kernel_init, name=f"dense{j}")(x)
+            x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(nn.relu(x))
+        return nn.Dense(cfg.num_classes, kernel_init=kernel_init, name="logits")(x)  # [B, K]
+
+
+def build_model(config: ModelConfig, backend: str | None = None) -> CNN:
+    return CNN(resolve_impls(config, backend))
+
+
+def init_params(model: CNN, key):
+    """Parameters for `model`, from `key` alone (no data needed beyond the input shape)."""
+    dummy = jnp.zeros((1, *model.config.image_shape), jnp.float32)
+    return model.init({"params": key}, dummy, train=False)["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -32,7 +32,10 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, params, tx: optax.GradientTransformation, rng) -> TrainState:
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+    # An int32 array, not flax's Python 0: the first epoch then compiles the same program
+    # as every later one.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def adam(learning_rate: float = 1e-3) -> optax.GradientTransformation:

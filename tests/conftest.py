@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from mnist_jax import data
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+
+def mnist_dir() -> Path | None:
+    """The offline MNIST folder: $MNIST_JAX_DATA_DIR, else ../shared/mnist."""
+    env = os.environ.get(data.DATA_DIR_ENV)
+    candidate = Path(env) if env else SHARED_MNIST
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def mnist_path() -> Path:
+    path = mnist_dir()
+    if path is None:
+        pytest.skip(f"no offline MNIST folder ({SHARED_MNIST} or ${data.DATA_DIR_ENV})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_path):
+    return data.load_mnist(mnist_path)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A small learnable dataset (not divisible by 32, so the last batch is padded)."""
+    return data.synthetic(num_train=500, num_test=200, seed=0)

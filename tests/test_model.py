@@ -1,0 +1,65 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax.config import ModelConfig
+from mnist_jax.errors import ConfigError
+from mnist_jax.model import build_model, count_params, init_params
+
+
+@pytest.mark.parametrize("conv, expected", [((32, 32), 113_386), ((32, 32, 64), 37_674)])
+def test_parameter_counts_match_keras(conv, expected):
+    model = build_model(ModelConfig(conv_features=conv))
+    assert count_params(init_params(model, jax.random.PRNGKey(0))) == expected
+
+
+def test_flatten_width_follows_depth():
+    assert ModelConfig(conv_features=(32, 32)).flatten_width == 5 * 5 * 32
+    assert ModelConfig(conv_features=(32, 32, 64)).flatten_width == 64
+
+
+def test_too_deep_is_refused_when_the_config_is_made():
+    with pytest.raises(ConfigError, match="conv block 4 of 4"):
+        ModelConfig(conv_features=(32, 32, 64, 64))
+
+
+@pytest.mark.parametrize("bad", [dict(conv_features=()), dict(dropout_rate=1.0),
+                                 dict(conv_impl="fft"), dict(conv_features=(32, 0))])
+def test_bad_model_configs_are_refused(bad):
+    with pytest.raises(ConfigError):
+        ModelConfig(**bad)
+
+
+@pytest.mark.parametrize("conv", [(32, 32), (32, 32, 64)])
+def test_fast_formulations_equal_the_plain_ones(conv):
+    """patches conv + reshape pool compute the same function and gradients as XLA's
+    convolution + reduce_window pooling, on random (tie-free) inputs."""
+    plain = build_model(ModelConfig(conv_features=conv, conv_impl="xla", pool_impl="window"))
+    fast = build_model(ModelConfig(conv_features=conv, conv_impl="patches", pool_impl="reshape"))
+    params = init_params(plain, jax.random.PRNGKey(1))
+    assert jax.tree.structure(params) == jax.tree.structure(init_params(fast, jax.random.PRNGKey(1)))
+    images = jax.random.uniform(jax.random.PRNGKey(2), (8, 28, 28, 1))
+    labels = jnp.arange(8) % 10
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels]), logits
+
+    (l_plain, logits_plain), g_plain = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(params)
+    (l_fast, logits_fast), g_fast = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(params)
+    np.testing.assert_allclose(logits_fast, logits_plain, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l_fast, l_plain, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_formulation_depends_on_backend():
+    from mnist_jax.model import resolve_impls
+
+    cfg = ModelConfig()
+    assert (resolve_impls(cfg, "cpu").conv_impl, resolve_impls(cfg, "cpu").pool_impl) == ("patches", "reshape")
+    assert resolve_impls(cfg, "gpu").conv_impl == "xla"
+    assert resolve_impls(dataclasses.replace(cfg, conv_impl="xla"), "cpu").conv_impl == "xla"

@@ -1,0 +1,138 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import engine, steps
+from mnist_jax.config import ModelConfig, TrainConfig
+from mnist_jax.train import init_state
+
+SMALL = ModelConfig(conv_features=(8, 8), dense_features=(16,))
+
+
+def _batch(tiny, n=32):
+    return {"image": jnp.asarray(tiny.train.images[:n]), "label": jnp.asarray(tiny.train.labels[:n]),
+            "mask": jnp.ones((n,), jnp.float32)}
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny):
+    _, state = init_state(ModelConfig(), TrainConfig(seed=0))
+    batch = _batch(tiny)
+
+    def loss(state):
+        totals = steps.eval_step(state, batch)
+        return float(totals["loss_sum"] / totals["count"])
+
+    before = loss(state)
+    step = jax.jit(steps.train_step)
+    for i in range(40):
+        state, _ = step(state, batch, jax.random.PRNGKey(i))
+    assert int(state.step) == 40
+    assert loss(state) < 0.75 * before
+
+
+def test_padded_examples_do_not_change_the_update(tiny):
+    """A batch of 20 real examples padded to 32 gives the update of the 20 alone (Keras'
+    short last batch)."""
+    _, state = init_state(SMALL, TrainConfig(seed=0))
+    full = _batch(tiny, 32)
+    padded = dict(full, mask=jnp.arange(32) < 20)
+    padded["mask"] = padded["mask"].astype(jnp.float32)
+    short = {k: v[:20] for k, v in full.items()}
+    key = jax.random.PRNGKey(5)
+    # No dropout, so the two batches draw no differently-shaped masks.
+    model_cfg = ModelConfig(conv_features=(8, 8), dense_features=(16,), dropout_rate=0.0)
+    _, state = init_state(model_cfg, TrainConfig(seed=0))
+    s_pad, m_pad = jax.jit(steps.train_step)(state, padded, key)
+    s_short, m_short = jax.jit(steps.train_step)(state, short, key)
+    assert float(m_pad["count"]) == 20.0
+    np.testing.assert_allclose(m_pad["loss_sum"], m_short["loss_sum"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_pad.params), jax.tree.leaves(s_short.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_counts_every_example_once(tiny):
+    _, state = init_state(SMALL, TrainConfig(seed=0))
+    split = engine.to_device(*tiny.test)  # 200 examples, eval batch 64: last batch padded
+    totals = jax.device_get(engine.make_evaluate(64)(state, split))
+    assert totals["count"] == 200
+    # The same sums as one batch holding everything.
+    whole = {"image": split.images, "label": split.labels, "mask": jnp.ones((200,), jnp.float32)}
+    reference = jax.device_get(steps.eval_step(state, whole))
+    assert totals["correct"] == reference["correct"]
+    np.testing.assert_allclose(totals["loss_sum"], reference["loss_sum"], rtol=1e-5)
+
+
+def _two_epochs(tiny, engine_name, seed=0):
+    _, state = init_state(SMALL, TrainConfig(seed=seed))
+    split = engine.to_device(*tiny.train)
+    train_epoch = engine.make_train_epoch(32, engine_name)
+    out = []
+    for _ in range(2):
+        state, totals = train_epoch(state, split)
+        out.append(jax.device_get(totals))
+    return state, out, train_epoch
+
+
+@pytest.mark.parametrize("engine_name", ["scan", "loop"])
+def test_same_seed_same_result_bit_for_bit(tiny, engine_name):
+    a, totals_a, _ = _two_epochs(tiny, engine_name)
+    b, totals_b, _ = _two_epochs(tiny, engine_name)
+    assert _leaves_equal(a.params, b.params) and _leaves_equal(a.opt_state, b.opt_state)
+    assert totals_a == totals_b
+    assert int(a.step) == 2 * 16  # 500 examples at batch 32: 16 steps, the last padded
+    assert totals_a[0]["count"] == 500
+    c, _, _ = _two_epochs(tiny, engine_name, seed=1)
+    assert not _leaves_equal(a.params, c.params)
+
+
+def test_scan_and_loop_engines_train_the_same(tiny):
+    a, totals_a, _ = _two_epochs(tiny, "scan")
+    b, totals_b, _ = _two_epochs(tiny, "loop")
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(totals_a[1]["loss_sum"], totals_b[1]["loss_sum"], rtol=1e-4)
+
+
+def test_epochs_shuffle_differently_and_resume_from_the_state_alone(tiny):
+    """The epoch's order derives from (rng, epoch): epoch 2 differs from epoch 1, and a
+    state carried through a host round trip continues exactly."""
+    _, state = init_state(SMALL, TrainConfig(seed=0))
+    order1, _ = engine.epoch_order(state, 500, 32)
+    later = state.replace(step=state.step + 16)
+    order2, _ = engine.epoch_order(later, 500, 32)
+    assert not np.array_equal(order1, order2)
+    assert sorted(np.asarray(order1).ravel()[:500].tolist()) == list(range(500))
+
+    split = engine.to_device(*tiny.train)
+    train_epoch = engine.make_train_epoch(32, "scan")
+    s1, _ = train_epoch(state, split)
+    s1_host = jax.device_put(jax.device_get(s1))  # as if saved and restored
+    s_direct, _ = train_epoch(s1, split)  # donates s1
+    s_resumed, _ = train_epoch(s1_host, split)
+    assert _leaves_equal(s_direct.params, s_resumed.params)
+
+
+@pytest.mark.parametrize("engine_name", ["scan", "loop"])
+def test_epochs_compile_once(tiny, engine_name):
+    _, _, train_epoch = _two_epochs(tiny, engine_name)
+    jitted = train_epoch.step_fn if engine_name == "loop" else train_epoch
+    assert jitted._cache_size() == 1
+
+
+def test_another_loss_swaps_in_without_editing_the_library(tiny):
+    def squared_error(logits, labels):
+        return jnp.sum((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 10)) ** 2, -1)
+
+    step = functools.partial(steps.train_step, loss_fn=squared_error)
+    _, state = init_state(SMALL, TrainConfig(seed=0))
+    split = engine.to_device(*tiny.train)
+    state, totals = engine.make_train_epoch(32, "scan", step)(state, split)
+    mean = float(totals["loss_sum"] / totals["count"])
+    assert 0.0 < mean < 2.0  # a squared error of probabilities, not a cross-entropy

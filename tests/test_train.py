@@ -1,0 +1,106 @@
+"""fit() and the command-line entry points, end to end on small data."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mnist_jax import records, report
+from mnist_jax.checkpointing import restore_state
+from mnist_jax.config import ModelConfig, TrainConfig
+from mnist_jax.train import fit
+
+from conftest import REPO
+
+SMALL = ModelConfig(conv_features=(8, 8), dense_features=(32,), dropout_rate=0.1)
+
+
+def test_fit_writes_the_run_and_restores_the_best_weights(tiny, tmp_path):
+    lines = []
+    result = fit(SMALL, TrainConfig(epochs=4, patience=1, seed=0), tiny, tmp_path / "run",
+                 name="small", log=lines.append)
+    history = records.read_history(tmp_path / "run" / records.HISTORY_FILE)
+    assert len(history) == len(result.history) == (result.early_stopping.stopped_epoch or 4)
+    for row in history:
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and row["epoch_time_s"] > 0
+        assert row["rss_mb_peak"] > 0 and row["resource_samples"] >= 1
+    assert history[-1]["val_accuracy"] > 0.5  # the synthetic classes are learnable
+    best = result.early_stopping.best_epoch
+    assert [r["epoch"] for r in history if r["improved"]][-1] == best
+    saved = [p.name for p in (tmp_path / "run" / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    assert saved == [str(best)]
+    restored = restore_state(tmp_path / "run" / "checkpoints" / "best", best, result.state)
+    for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(restored.params)):
+        np.testing.assert_array_equal(a, b)
+    config = json.loads((tmp_path / "run" / records.CONFIG_FILE).read_text())
+    assert config["num_params"] == result.num_params and config["train"]["engine"] == "scan"
+    assert sum("epoch" in line and "val_acc" in line for line in lines) == len(history)
+
+
+def test_fit_stops_early_by_keras_rules(tiny):
+    result = fit(SMALL, TrainConfig(epochs=30, patience=0, seed=0, learning_rate=3e-2),
+                 tiny, None, log=lambda line: None)
+    es = result.early_stopping
+    assert es.should_stop and len(result.history) == es.stopped_epoch < 30
+    accuracies = [row["val_accuracy"] for row in result.history]
+    assert accuracies[-1] <= es.best
+
+
+def test_report_from_files(tiny, tmp_path):
+    for name, conv in (("a", (8, 8)), ("b", (8, 8, 8))):
+        fit(ModelConfig(conv_features=conv, dense_features=(16,)), TrainConfig(epochs=2),
+            tiny, tmp_path / name, name=name, log=lambda line: None)
+    summary = report.write_study_report(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    names = [run["name"] for run in summary["runs"]]
+    assert names == ["a", "b"]
+    history = records.read_history(tmp_path / "a" / records.HISTORY_FILE)
+    assert summary["runs"][0]["best_val_accuracy"] == max(r["val_accuracy"] for r in history)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| a |" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][1]["conv_features"] == [8, 8, 8]
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.mnist
+def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
+    out = tmp_path / "study"
+    proc = _run("-m", "experiments.depth_study", "--data-dir", str(mnist_path), "--epochs", "2",
+                "--train-limit", "960", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("2conv", "3conv"):
+        assert len(records.read_history(out / name / records.HISTORY_FILE)) == 2
+        result = json.loads((out / name / records.RESULT_FILE).read_text())
+        assert (out / name / result["best_checkpoint"]).is_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [run["num_params"] for run in summary["runs"]] == [113_386, 37_674]
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "summary.md").exists()
+    assert "2conv" in proc.stdout and "val_acc" in proc.stdout
+    # The report redraws from the files alone.
+    assert _run("-m", "mnist_jax.report", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs: 0 is not a positive integer"),
+    (["--batch-size", "x"], "--batch-size: 'x' is not an integer"),
+    (["--data-dir", "/nonexistent/mnist"], "data folder /nonexistent/mnist does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    proc = _run("-m", "experiments.depth_study", "--out", str(tmp_path / "o"), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_a_used_output_folder_is_refused_and_kept(tmp_path):
+    (tmp_path / "keep.txt").write_text("earlier result")
+    proc = _run("-m", "mnist_jax.train", "--out", str(tmp_path), "--data-dir", "/nonexistent")
+    assert proc.returncode == 2 and "already holds files" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "earlier result"

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         out = cli.prepare_out_dir(args.out, args.default_out)
         data = cli.load_data(args)
         for name, model_config in VARIANTS.items():
-            fit(model_config, train_config, data, out / name, name=name)
+            fit(cli.model_config(args, model_config), train_config, data, out / name, name=name)
         summary = report.write_study_report(out, [out / name for name in VARIANTS])
         print(report.format_table(summary))
         print(f"wrote {out}")

@@ -4,6 +4,7 @@ and turning a UserError into one line on stderr and exit status 2 (no traceback)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from mnist_jax import data as data_lib
-from mnist_jax.config import ENGINES, TrainConfig
+from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import ConfigError, UserError
 
 
@@ -69,9 +70,19 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--engine", choices=ENGINES, default=d.engine,
                         help="'scan': the epoch as one compiled program; 'loop': one compiled "
                              "step per batch; 'auto' picks the faster for the backend")
+    parser.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
+                        help="convolution formulation: 'xla' (lax.conv), 'patches' (shifted "
+                             "slices and one matmul), 'auto' (the faster for the backend)")
+    parser.add_argument("--pool-impl", choices=POOL_IMPLS, default="auto",
+                        help="max-pool formulation: 'window' (reduce_window), 'reshape', 'auto'")
     parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
                         help="use only the first N training and N/6 validation images "
                              "(for quick checks; the study's numbers need the full sets)")
+
+
+def model_config(args, base: ModelConfig) -> ModelConfig:
+    """`base` with the formulation flags applied (they change speed, not the function)."""
+    return dataclasses.replace(base, conv_impl=args.conv_impl, pool_impl=args.pool_impl)
 
 
 def train_config(args) -> TrainConfig:

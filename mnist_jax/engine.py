@@ -153,8 +153,13 @@ def make_evaluate(batch_size: int, eval_step: Callable = steps.eval_step) -> Cal
     return evaluate
 
 
-def resolve_engine(engine: str, backend: str | None = None) -> str:
-    """ "auto": the engine measured fastest for the backend (see the benchmark)."""
+def resolve_engine(engine: str, conv_impl: str, backend: str | None = None) -> str:
+    """ "auto": the engine measured fastest for the backend and conv formulation.
+
+    Scan everywhere, except XLA:CPU's own convolution, which runs about 10x slower inside
+    a scan than as a top-level op (benchmarks/epoch_speed.py measures both).
+    """
     if engine != "auto":
         return engine
-    return "scan"
+    backend = backend or jax.default_backend()
+    return "loop" if backend == "cpu" and conv_impl == "xla" else "scan"

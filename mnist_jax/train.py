@@ -71,7 +71,7 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
     """
     cfg = train_config
     model, state = init_state(model_config, cfg, tx)
-    engine_name = engine.resolve_engine(cfg.engine)
+    engine_name = engine.resolve_engine(cfg.engine, model.config.conv_impl)
     num_params = count_params(state.params)
     train_split = engine.to_device(*data.train)
     val_split = engine.to_device(*data.test)
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        model_config = ModelConfig(conv_features=args.conv)
+        model_config = cli.model_config(args, ModelConfig(conv_features=args.conv))
         train_config = cli.train_config(args)
         out = cli.prepare_out_dir(args.out, args.default_out)
         data = cli.load_data(args)

@@ -136,3 +136,10 @@ def test_another_loss_swaps_in_without_editing_the_library(tiny):
     state, totals = engine.make_train_epoch(32, "scan", step)(state, split)
     mean = float(totals["loss_sum"] / totals["count"])
     assert 0.0 < mean < 2.0  # a squared error of probabilities, not a cross-entropy
+
+
+def test_auto_engine_avoids_xla_cpu_convolution_inside_scan():
+    assert engine.resolve_engine("auto", "patches", "cpu") == "scan"
+    assert engine.resolve_engine("auto", "xla", "cpu") == "loop"
+    assert engine.resolve_engine("auto", "xla", "gpu") == "scan"
+    assert engine.resolve_engine("loop", "patches", "gpu") == "loop"

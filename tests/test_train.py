@@ -104,3 +104,11 @@ def test_a_used_output_folder_is_refused_and_kept(tmp_path):
     assert proc.returncode == 2 and "already holds files" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "earlier result"
+
+
+def test_another_optimizer_swaps_in_without_editing_the_library(tiny):
+    import optax
+
+    result = fit(SMALL, TrainConfig(epochs=1), tiny, None, tx=optax.sgd(0.05), log=lambda line: None)
+    assert "mu" not in str(jax.tree.structure(result.state.opt_state))  # no Adam moments
+    assert int(result.state.step) == 16

@@ -48,6 +48,7 @@ from mnist_jax import data as data_lib
 from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
+from mnist_jax.resources import jax_peak_bytes
 from mnist_jax.train import init_state
 
 VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
@@ -152,22 +153,12 @@ def time_jax_epoch(run: JaxRun) -> dict:
     train_totals, val_totals = jax.device_get((train_totals, val_totals))
     jax.block_until_ready(run.state)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, **_means("train", train_totals), **_means("val", val_totals)}
-
-
-def _means(prefix: str, totals) -> dict:
-    count = max(float(totals["count"]), 1.0)
-    return {f"{prefix}_loss": float(totals["loss_sum"]) / count,
-            f"{prefix}_accuracy": float(totals["correct"]) / count}
+    return {"seconds": seconds, **engine.mean_metrics("train", train_totals),
+            **engine.mean_metrics("val", val_totals)}
 
 
 def jax_device_peak_mb() -> float | None:
-    """JAX's peak bytes in use on the first device so far, where the backend reports it."""
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # some backends raise instead of returning None
-        return None
-    peak = (stats or {}).get("peak_bytes_in_use")
+    peak = jax_peak_bytes()
     return peak / MB if peak is not None else None
 
 
@@ -456,7 +447,7 @@ def _choice_list(text: str, choices: tuple[str, ...], what: str) -> tuple[str, .
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m benchmarks.epoch_speed",
         description="Time one training epoch (train + validation) of the JAX project against "
                     "the notebook's Keras model, alternating, in one process.")

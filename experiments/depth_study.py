@@ -15,7 +15,6 @@ study takes about 4 minutes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from mnist_jax import cli, report
@@ -29,7 +28,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m experiments.depth_study",
         description="Train the 2-conv and 3-conv CNNs on MNIST with the notebook's protocol "
                     "and write their comparison (summary.json, summary.md, curves.png).")
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
 
     def run():
         train_config = cli.train_config(args)
-        out = cli.prepare_out_dir(args.out, args.default_out)
+        out = cli.check_out_dir(args.out, args.default_out)
         data = cli.load_data(args)
         for name, model_config in VARIANTS.items():
             fit(cli.model_config(args, model_config), train_config, data, out / name, name=name)

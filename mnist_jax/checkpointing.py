@@ -34,9 +34,10 @@ class BestCheckpoint:
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
-        except OSError as e:
+        except Exception as e:  # OSError, or Orbax refusing the folder
+            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
             raise CheckpointError(f"cannot create checkpoint folder {self.directory}: "
-                                  f"{e.strerror or e}") from None
+                                  f"{detail}") from None
 
     def save(self, epoch: int, state, metrics: dict[str, float]) -> Path:
         """Save `state` as the checkpoint of `epoch`, with `metrics` (Python floats)."""
@@ -44,9 +45,10 @@ class BestCheckpoint:
         try:
             self._manager.save(epoch, args=ocp.args.StandardSave(state), metrics=metrics)
             self._manager.wait_until_finished()
-        except OSError as e:
+        except Exception as e:  # OSError, or Orbax/TensorStore's own error types
+            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
             raise CheckpointError(f"cannot write checkpoint {self.directory / str(epoch)}: "
-                                  f"{e.strerror or e}") from None
+                                  f"{type(e).__name__}: {detail}") from None
         return self.directory / str(epoch)
 
     @property

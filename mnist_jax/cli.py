@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Callable
 
 from mnist_jax import data as data_lib
 from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, TrainConfig
-from mnist_jax.errors import ConfigError, UserError
+from mnist_jax.errors import UserError
 
 
 def positive_int(text: str) -> int:
@@ -101,32 +100,46 @@ def load_data(args) -> data_lib.Dataset:
     return dataset
 
 
-def prepare_out_dir(out: str | None, default_root: str | None = None) -> Path:
-    """A new or empty output folder. A folder already holding files is refused, so no
-    earlier result is overwritten."""
+def check_out_dir(out: str | None, default_root: str) -> Path:
+    """The output folder to use: new or empty, else a one-line error. Nothing is created
+    yet (fit creates it), so a run that fails before training leaves nothing behind."""
     if out is None:
-        out = Path(default_root or "runs") / time.strftime("%Y%m%d-%H%M%S")
+        stamp = Path(default_root) / time.strftime("%Y%m%d-%H%M%S")
+        path, n = stamp, 1
+        while path.exists():  # two runs started in the same second
+            n += 1
+            path = stamp.with_name(f"{stamp.name}-{n}")
+        return path
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        raise UserError(f"--out {path} already holds files; choose a new or empty folder "
-                        f"(nothing was overwritten)")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise UserError(f"--out {path} already holds files; choose a new or empty folder "
+                            f"(nothing was overwritten)")
     except OSError as e:
-        raise UserError(f"cannot create --out {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"--out {path} is not writable")
+        raise UserError(f"cannot use --out {path}: {e.strerror or e}") from None
     return path
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line ("error: ...") and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def run_main(body: Callable[[], None]) -> int:
-    """Run a command's body; a UserError becomes 'error: ...' on stderr and exit 2."""
+    """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
+    and exit status 2, with no traceback."""
     try:
         body()
-    except (UserError, ConfigError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that failed mid-run: disk full, permissions, ...
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: files written so far are complete (each write is atomic)",

@@ -1,9 +1,11 @@
 """Frozen configuration. The defaults reproduce the Keras notebook; variants come from
-`dataclasses.replace`. Tuples, not lists, so configs are hashable static jit arguments."""
+`dataclasses.replace`. Tuples, not lists, so a config is hashable (the model holds its
+ModelConfig as a static field)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +85,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     eval_batch_size: int = 1000
     monitor: str = "val_accuracy"
-    mode: str = "max"
+    mode: str = "auto"  # as Keras: "min" for a loss, "max" for an accuracy
     patience: int = 5
     min_delta: float = 0.0
     restore_best_weights: bool = True
@@ -95,16 +97,24 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1,
                  f"eval batch size must be at least 1, got {self.eval_batch_size}")
-        _require(self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                 f"learning rate must be a positive number, got {self.learning_rate}")
         _require(self.patience >= 0, f"patience must be 0 or more, got {self.patience}")
         _require(self.min_delta >= 0, f"min_delta must be 0 or more, got {self.min_delta}")
-        _require(self.mode in ("max", "min"), f"mode must be 'max' or 'min', got {self.mode!r}")
+        _require(self.mode in ("auto", "max", "min"),
+                 f"mode must be 'auto', 'max' or 'min', got {self.mode!r}")
         _require(self.monitor in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"),
                  f"monitor must be val_accuracy, val_loss, train_accuracy or train_loss, "
                  f"got {self.monitor!r}")
         _require(self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}")
         _require(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _require(self.resource_interval_s > 0, "resource_interval_s must be positive")
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.monitor.endswith("loss") else "max"
 
 
 def to_dict(config: Any) -> dict:

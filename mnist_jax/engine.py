@@ -52,7 +52,12 @@ def to_device(images: np.ndarray, labels: np.ndarray, device=None) -> Split:
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Every example once per epoch; the last batch is padded (and masked) if short."""
-    return math.ceil(num_examples / batch_size)
+    return math.ceil(num_examples / effective_batch_size(num_examples, batch_size))
+
+
+def effective_batch_size(num_examples: int, batch_size: int) -> int:
+    """A batch larger than the data is the whole data, as in Keras (and no huge padding)."""
+    return min(batch_size, num_examples)
 
 
 def step_key(state: steps.TrainState):
@@ -63,6 +68,7 @@ def step_key(state: steps.TrainState):
 def epoch_order(state: steps.TrainState, num_examples: int, batch_size: int):
     """The shuffled example order of the state's current epoch, as [S, B] indices and a
     [S, B] float mask that is 0 on the padding of the last batch."""
+    batch_size = effective_batch_size(num_examples, batch_size)
     num_steps = steps_per_epoch(num_examples, batch_size)
     epoch = state.step // num_steps
     key = jax.random.fold_in(jax.random.fold_in(state.rng, SHUFFLE_STREAM), epoch)
@@ -85,6 +91,13 @@ def zero_totals() -> steps.Metrics:
 
 def _add(totals, metrics):
     return jax.tree.map(jnp.add, totals, metrics)
+
+
+def mean_metrics(prefix: str, totals) -> dict[str, float]:
+    """Host-side means of fetched totals: {prefix}_loss and {prefix}_accuracy."""
+    count = max(float(totals["count"]), 1.0)
+    return {f"{prefix}_loss": float(totals["loss_sum"]) / count,
+            f"{prefix}_accuracy": float(totals["correct"]) / count}
 
 
 def make_train_epoch(batch_size: int, engine: str,

@@ -1,7 +1,7 @@
 """The CNN, built from a ModelConfig. Depth is data: a 3-conv model is a longer tuple.
 
 Two formulations of the same function exist for convolution and for max-pooling, because
-XLA:CPU runs them at very different speeds (../PERF_NOTES in the docs, and the benchmark):
+XLA:CPU runs them at very different speeds (benchmarks/epoch_speed.py measures them):
 - conv "xla": `lax.conv_general_dilated` (cuDNN on GPU). conv "patches": the k*k shifted
   slices of the input concatenated on the channel axis, then one matmul with the same
   kernel reshaped; XLA:CPU keeps this fast inside loops, where its convolution is not.

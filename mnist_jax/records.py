@@ -8,9 +8,11 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
+
+from mnist_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
@@ -18,16 +20,35 @@ RESULT_FILE = "result.json"
 CHECKPOINT_DIR = "checkpoints/best"
 
 
+def claim_run_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and its parents) for a run, refusing a folder that already holds
+    files: nothing saved earlier is overwritten."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        used = any(path.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot create run folder {path}: {e.strerror or e}") from None
+    if used:
+        raise UserError(f"run folder {path} already holds files (nothing was overwritten)")
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    # os.open with 0o666 lets the umask set the permissions (mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

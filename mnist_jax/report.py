@@ -7,13 +7,12 @@ can be redrawn without retraining:
 
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
 import sys
 from pathlib import Path
 
-from mnist_jax import records
+from mnist_jax import cli, records
 from mnist_jax.errors import UserError
 
 # The Keras notebook's single run, quoted for comparison (not measured here).
@@ -40,8 +39,17 @@ def summarize_run(run_dir: str | Path) -> dict:
     except FileNotFoundError as e:
         raise UserError(f"{run_dir} is not a finished run: {Path(e.filename).name} is missing"
                         ) from None
+    except ValueError as e:  # a damaged JSON or CSV file
+        raise UserError(f"{run_dir} has a damaged file: {e}") from None
     if not history:
         raise UserError(f"{run_dir / records.HISTORY_FILE} has no epochs")
+    try:
+        return _summary(run_dir, config, history, result)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{run_dir}: its files lack {e} (written by another version?)") from None
+
+
+def _summary(run_dir: Path, config: dict, history: list[dict], result: dict) -> dict:
     val_acc = [row["val_accuracy"] for row in history]
     val_loss = [row["val_loss"] for row in history]
     times = [row["epoch_time_s"] for row in history]
@@ -52,6 +60,8 @@ def summarize_run(run_dir: str | Path) -> dict:
         "run_dir": run_dir.name,
         "conv_features": config["model"]["conv_features"],
         "num_params": config["num_params"],
+        "train_examples": config["data"]["train_examples"],
+        "val_examples": config["data"]["val_examples"],
         "best_val_accuracy": val_acc[best_acc_i],
         "best_val_accuracy_epoch": history[best_acc_i]["epoch"],
         "min_val_loss": val_loss[min_loss_i],
@@ -120,7 +130,9 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
         "# MNIST: does a third convolution help?", "",
         f"Measured on {runs[0]['backend'] if runs else '?'} ({device}), "
         f"seed {runs[0]['seed'] if runs else '?'}, engine {runs[0]['engine'] if runs else '?'}. "
-        "Validation is on the 10k test set, as in the notebook; epoch 1 (with compilation) "
+        f"{runs[0]['train_examples']:,} training images; validation on "
+        f"{runs[0]['val_examples']:,} test images (the notebook: all 10,000). "
+        "Epoch 1 (with compilation) "
         "is left out of the mean epoch time. One seed per model: see the Keras spread over "
         "seeds before reading a difference.", "",
         format_table(summary), "",
@@ -162,23 +174,22 @@ def find_runs(study_dir: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mnist_jax.report",
         description="Rewrite summary.json, summary.md and curves.png of a study folder "
                     "from its runs' files, without retraining.")
     parser.add_argument("study_dir", help="a folder whose subfolders are runs")
     args = parser.parse_args(argv)
     study_dir = Path(args.study_dir)
-    try:
+
+    def run():
         runs = find_runs(study_dir) or ([study_dir] if (study_dir / records.RESULT_FILE).exists()
                                         else [])
         if not runs:
             raise UserError(f"{study_dir} holds no finished run")
         print(format_table(write_study_report(study_dir, runs)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Per epoch: the mean and peak of system CPU %, this process's CPU % (of all cores
 resident memory (RSS) and the system's used RAM in MB, and on NVIDIA GPUs the GPU load %
 and VRAM used (whole device, as NVML reports it, all processes) against the total.
 JAX preallocates most of a GPU's memory at start-up (XLA_PYTHON_CLIENT_PREALLOCATE), so
-VRAM used says little about the model; `device_peak_mb` is JAX's own peak of bytes in use.
+VRAM used says little about the model; `jax_peak_mb_since_start` is JAX's own peak of
+bytes in use on the first device since the process started (all runs in it so far).
+NVML devices are taken by index, so with CUDA_VISIBLE_DEVICES remapping GPUs the sampled
+device may not be the one JAX uses.
 psutil.cpu_count() reports the host's cores, not a container's CPU quota.
 """
 
@@ -80,9 +83,9 @@ class ResourceSampler:
                 continue
             out[f"{key}_mean"] = sum(values) / len(values)
             out[f"{key}_peak"] = max(values)
-        peak = _jax_peak_bytes()
+        peak = jax_peak_bytes()
         if peak is not None:
-            out["device_peak_mb"] = peak / MB
+            out["jax_peak_mb_since_start"] = peak / MB
         return out
 
     def close(self) -> None:
@@ -122,7 +125,7 @@ def _open_nvml(num_gpus: int | None):
         return [], f"NVML unavailable ({type(e).__name__}): GPU load and VRAM not sampled"
 
 
-def _jax_peak_bytes() -> int | None:
+def jax_peak_bytes() -> int | None:
     """JAX's peak bytes in use on the first device so far (None where not reported, as on CPU)."""
     import jax
 

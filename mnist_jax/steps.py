@@ -9,7 +9,7 @@ padded example is counted.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,39 @@ def create_train_state(model, params, tx: optax.GradientTransformation, rng) -> 
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
+class KerasAdamState(NamedTuple):
+    count: jax.Array  # [] int32, steps taken
+    mu: optax.Updates  # first moment, the shape of params
+    nu: optax.Updates  # second moment
+
+
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
+                        eps: float = 1e-7) -> optax.GradientTransformation:
+    """Adam's direction exactly as Keras 3 computes it (keras/src/optimizers/adam.py):
+    `sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`. Keras adds eps to the square root
+    of the uncorrected second moment ("epsilon hat"); optax.adam adds it after bias
+    correction, which is a larger eps in the early steps."""
+
+    def init(params):
+        return KerasAdamState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                              jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, grads)
+        nu = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, grads)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        alpha = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        direction = jax.tree.map(lambda m, v: alpha * m / (jnp.sqrt(v) + eps), mu, nu)
+        return direction, KerasAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def adam(learning_rate: float = 1e-3) -> optax.GradientTransformation:
-    """Keras' Adam defaults: beta_1 0.9, beta_2 0.999, epsilon 1e-7."""
-    return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7)
+    """The notebook's optimizer: Keras' Adam (beta_1 0.9, beta_2 0.999, epsilon 1e-7)."""
+    return optax.chain(scale_by_keras_adam(), optax.scale_by_learning_rate(learning_rate))
 
 
 def cross_entropy(logits, labels):

@@ -10,7 +10,6 @@ A run folder holds:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -77,11 +76,12 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
     val_split = engine.to_device(*data.test)
     train_epoch = engine.make_train_epoch(cfg.batch_size, engine_name, train_step)
     evaluate = engine.make_evaluate(cfg.eval_batch_size)
-    stopper = EarlyStopping(mode=cfg.mode, patience=cfg.patience, min_delta=cfg.min_delta)
-    out = Path(out_dir) if out_dir is not None else None
+    stopper = EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
+                            min_delta=cfg.min_delta)
+    out = records.claim_run_dir(out_dir) if out_dir is not None else None
     if out is not None:
         records.write_json(out / records.CONFIG_FILE, run_description(
-            model.config, cfg, engine_name, num_params, name))
+            model.config, cfg, engine_name, num_params, name, data))
     checkpoint = BestCheckpoint(out / records.CHECKPOINT_DIR) if out is not None else None
 
     history: list[dict] = []
@@ -101,7 +101,8 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
             # The epoch's one host sync: both sets of totals at once.
             train_totals, val_totals = jax.device_get((train_totals, val_totals))
             seconds = time.perf_counter() - start
-            row = {"epoch": epoch, **_means("train", train_totals), **_means("val", val_totals),
+            row = {"epoch": epoch, **engine.mean_metrics("train", train_totals),
+                   **engine.mean_metrics("val", val_totals),
                    "epoch_time_s": seconds, **sampler.end_epoch()}
             if not math.isfinite(row["train_loss"]):
                 raise TrainingDiverged(f"[{name}] epoch {epoch}: training loss is "
@@ -144,12 +145,6 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
     return FitResult(state, history, stopper, num_params)
 
 
-def _means(prefix: str, totals) -> dict[str, float]:
-    count = max(float(totals["count"]), 1.0)
-    return {f"{prefix}_loss": float(totals["loss_sum"]) / count,
-            f"{prefix}_accuracy": float(totals["correct"]) / count}
-
-
 def format_epoch(name: str, epoch: int, epochs: int, row: dict, has_gpu: bool) -> str:
     """One line per epoch, Keras' metrics followed by the notebook's resource figures."""
     mark = "*" if row.get("improved") else " "
@@ -166,7 +161,7 @@ def format_epoch(name: str, epoch: int, epochs: int, row: dict, has_gpu: bool) -
 
 
 def run_description(model_config: ModelConfig, train_config: TrainConfig, engine_name: str,
-                    num_params: int, name: str) -> dict:
+                    num_params: int, name: str, data: Dataset) -> dict:
     """What config.json records: enough to rerun and to know where the run ran."""
     versions = {}
     for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -178,8 +173,11 @@ def run_description(model_config: ModelConfig, train_config: TrainConfig, engine
     return {
         "name": name,
         "model": to_dict(model_config),
-        "train": {**to_dict(train_config), "engine": engine_name},
+        "train": {**to_dict(train_config), "engine": engine_name,
+                  "mode": train_config.resolved_mode},
         "num_params": num_params,
+        "data": {"train_examples": len(data.train.labels),
+                 "val_examples": len(data.test.labels)},
         "versions": {"python": platform.python_version(), **versions},
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.local_devices()],
@@ -189,7 +187,7 @@ def run_description(model_config: ModelConfig, train_config: TrainConfig, engine
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mnist_jax.train",
         description="Train one CNN on MNIST with the notebook's protocol and write its run "
                     "folder (config, history, best checkpoint, summary, curves).")
@@ -201,7 +199,7 @@ def main(argv=None) -> int:
     def run():
         model_config = cli.model_config(args, ModelConfig(conv_features=args.conv))
         train_config = cli.train_config(args)
-        out = cli.prepare_out_dir(args.out, args.default_out)
+        out = cli.check_out_dir(args.out, args.default_out)
         data = cli.load_data(args)
         name = "conv" + "-".join(map(str, model_config.conv_features))
         fit(model_config, train_config, data, out, name=name)

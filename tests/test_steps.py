@@ -3,6 +3,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mnist_jax import engine, steps
@@ -40,15 +41,14 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny):
 def test_padded_examples_do_not_change_the_update(tiny):
     """A batch of 20 real examples padded to 32 gives the update of the 20 alone (Keras'
     short last batch)."""
-    _, state = init_state(SMALL, TrainConfig(seed=0))
     full = _batch(tiny, 32)
-    padded = dict(full, mask=jnp.arange(32) < 20)
-    padded["mask"] = padded["mask"].astype(jnp.float32)
+    padded = dict(full, mask=(jnp.arange(32) < 20).astype(jnp.float32))
     short = {k: v[:20] for k, v in full.items()}
     key = jax.random.PRNGKey(5)
-    # No dropout, so the two batches draw no differently-shaped masks.
+    # No dropout, so the two batches draw no differently-shaped masks; plain SGD, so the
+    # update is the gradient itself (Adam's first step would hide a wrong scale).
     model_cfg = ModelConfig(conv_features=(8, 8), dense_features=(16,), dropout_rate=0.0)
-    _, state = init_state(model_cfg, TrainConfig(seed=0))
+    _, state = init_state(model_cfg, TrainConfig(seed=0), tx=optax.sgd(1.0))
     s_pad, m_pad = jax.jit(steps.train_step)(state, padded, key)
     s_short, m_short = jax.jit(steps.train_step)(state, short, key)
     assert float(m_pad["count"]) == 20.0
@@ -130,12 +130,17 @@ def test_another_loss_swaps_in_without_editing_the_library(tiny):
     def squared_error(logits, labels):
         return jnp.sum((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 10)) ** 2, -1)
 
-    step = functools.partial(steps.train_step, loss_fn=squared_error)
+    step = jax.jit(functools.partial(steps.train_step, loss_fn=squared_error))
     _, state = init_state(SMALL, TrainConfig(seed=0))
+    batch, key = _batch(tiny), jax.random.PRNGKey(3)
+    logits = state.apply_fn({"params": state.params}, steps.normalize(batch["image"]),
+                            train=True, rngs={"dropout": key})
+    _, metrics = step(state, batch, key)
+    np.testing.assert_allclose(metrics["loss_sum"], squared_error(logits, batch["label"]).sum(),
+                               rtol=1e-5)
     split = engine.to_device(*tiny.train)
     state, totals = engine.make_train_epoch(32, "scan", step)(state, split)
-    mean = float(totals["loss_sum"] / totals["count"])
-    assert 0.0 < mean < 2.0  # a squared error of probabilities, not a cross-entropy
+    assert totals["count"] == 500
 
 
 def test_auto_engine_avoids_xla_cpu_convolution_inside_scan():
@@ -143,3 +148,55 @@ def test_auto_engine_avoids_xla_cpu_convolution_inside_scan():
     assert engine.resolve_engine("auto", "xla", "cpu") == "loop"
     assert engine.resolve_engine("auto", "xla", "gpu") == "scan"
     assert engine.resolve_engine("loop", "patches", "gpu") == "loop"
+
+
+def _keras_adam_reference(grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-7):
+    """Keras 3's Adam update, step by step in numpy (float64)."""
+    w, m, v = 0.0, 0.0, 0.0
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m += (g - m) * (1 - b1)
+        v += (g * g - v) * (1 - b2)
+        w -= lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+        out.append(w)
+    return np.array(out)
+
+
+def test_adam_matches_keras_epsilon_placement():
+    # Tiny gradients make eps matter: here Keras' form and optax.adam's differ by ~2x.
+    grads = [1e-6, -2e-6, 5e-7, 1e-6]
+    tx = steps.adam(1e-3)
+    w = jnp.zeros(())
+    opt_state = tx.init(w)
+    ours = []
+    for g in grads:
+        updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state)
+        w = w + updates
+        ours.append(float(w))
+    np.testing.assert_allclose(ours, _keras_adam_reference(grads), rtol=1e-5)
+    plain = optax.adam(1e-3, eps=1e-7)
+    first, _ = plain.update(jnp.asarray(grads[0], jnp.float32), plain.init(jnp.zeros(())))
+    assert abs(float(first) - ours[0]) > 1e-5  # the difference this test is about is real
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside TensorFlow
+def test_adam_matches_keras_itself():
+    keras = pytest.importorskip("keras")
+    grads = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32) * 1e-3
+    var = keras.Variable(np.zeros(3, np.float32))
+    opt = keras.optimizers.Adam(1e-3)
+    tx = steps.adam(1e-3)
+    w = jnp.zeros(3)
+    state = tx.init(w)
+    for g in grads:
+        opt.apply_gradients([(keras.ops.convert_to_tensor(g), var)])
+        updates, state = tx.update(jnp.asarray(g), state)
+        w = w + updates
+    np.testing.assert_allclose(np.asarray(w), keras.ops.convert_to_numpy(var), rtol=1e-4, atol=1e-9)
+
+
+def test_a_batch_larger_than_the_data_is_the_whole_data(tiny):
+    _, state = init_state(SMALL, TrainConfig(seed=0))
+    split = engine.to_device(*tiny.train)
+    state, totals = engine.make_train_epoch(10**9, "scan")(state, split)
+    assert int(state.step) == 1 and totals["count"] == 500

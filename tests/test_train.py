@@ -6,11 +6,13 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from mnist_jax import records, report
 from mnist_jax.checkpointing import restore_state
 from mnist_jax.config import ModelConfig, TrainConfig
+from mnist_jax.errors import UserError
 from mnist_jax.train import fit
 
 from conftest import REPO
@@ -40,13 +42,28 @@ def test_fit_writes_the_run_and_restores_the_best_weights(tiny, tmp_path):
     assert sum("epoch" in line and "val_acc" in line for line in lines) == len(history)
 
 
-def test_fit_stops_early_by_keras_rules(tiny):
+def test_fit_stops_early_by_keras_rules_and_restores_the_best_epoch(tiny, tmp_path):
+    """patience 0: training stops at the first epoch that does not strictly improve, and
+    the returned state is the best epoch's (its step counter says which)."""
     result = fit(SMALL, TrainConfig(epochs=30, patience=0, seed=0, learning_rate=3e-2),
-                 tiny, None, log=lambda line: None)
+                 tiny, tmp_path, log=lambda line: None)
     es = result.early_stopping
-    assert es.should_stop and len(result.history) == es.stopped_epoch < 30
     accuracies = [row["val_accuracy"] for row in result.history]
-    assert accuracies[-1] <= es.best
+    assert es.should_stop and len(accuracies) == es.stopped_epoch < 30
+    assert all(b > a for a, b in zip(accuracies[:-2], accuracies[1:-1]))  # improving...
+    assert accuracies[-1] <= accuracies[-2]  # ...until the stop epoch
+    assert es.best_epoch == es.stopped_epoch - 1
+    assert int(result.state.step) == es.best_epoch * 16  # 16 steps per epoch, not the last
+    saved = restore_state(tmp_path / "checkpoints" / "best", es.best_epoch, result.state)
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_refuses_a_used_run_folder(tiny, tmp_path):
+    (tmp_path / "history.csv").write_text("epoch\n1\n")
+    with pytest.raises(UserError, match="already holds files"):
+        fit(SMALL, TrainConfig(epochs=1), tiny, tmp_path, log=lambda line: None)
+    assert (tmp_path / "history.csv").read_text() == "epoch\n1\n"
 
 
 def test_report_from_files(tiny, tmp_path):
@@ -89,13 +106,25 @@ def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs: 0 is not a positive integer"),
     (["--batch-size", "x"], "--batch-size: 'x' is not an integer"),
+    (["--learning-rate", "nan"], "learning rate must be a positive number, got nan"),
+    (["--learning-rate", "-1"], "learning rate must be a positive number, got -1.0"),
+    (["--engine", "fast"], "invalid choice: 'fast'"),
     (["--data-dir", "/nonexistent/mnist"], "data folder /nonexistent/mnist does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc = _run("-m", "experiments.depth_study", "--out", str(tmp_path / "o"), *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "o" / "summary.json").exists()
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing created for a run that never started
+
+
+@pytest.mark.mnist
+def test_an_unusable_output_folder_is_one_line(mnist_path, tmp_path):
+    proc = _run("-m", "mnist_jax.train", "--data-dir", str(mnist_path), "--train-limit", "64",
+                "--epochs", "1", "--out", "/proc/mnist_jax_cannot_write_here")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot create run folder /proc/mnist_jax_cannot_write_here")
 
 
 def test_a_used_output_folder_is_refused_and_kept(tmp_path):
@@ -107,8 +136,7 @@ def test_a_used_output_folder_is_refused_and_kept(tmp_path):
 
 
 def test_another_optimizer_swaps_in_without_editing_the_library(tiny):
-    import optax
-
     result = fit(SMALL, TrainConfig(epochs=1), tiny, None, tx=optax.sgd(0.05), log=lambda line: None)
-    assert "mu" not in str(jax.tree.structure(result.state.opt_state))  # no Adam moments
+    expected = jax.tree.structure(optax.sgd(0.05).init(result.state.params))
+    assert jax.tree.structure(result.state.opt_state) == expected
     assert int(result.state.step) == 16

@@ -49,7 +49,7 @@ from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, Train
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
 from mnist_jax.resources import jax_peak_bytes
-from mnist_jax.train import init_state
+from mnist_jax.train import build_trainer
 
 VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
 FRAMEWORKS = ("jax", "keras")
@@ -97,6 +97,7 @@ class JaxRun:
     """One variant's live JAX training: state, compiled functions and the device splits."""
 
     model_config: ModelConfig  # resolved: conv_impl and pool_impl are concrete
+    eval_config: ModelConfig  # the evaluation formulation, resolved
     engine_name: str
     num_params: int
     state: Any
@@ -108,18 +109,15 @@ class JaxRun:
 
 
 def build_jax_run(conv_features, args, splits) -> JaxRun:
-    """The project's own wiring, as fit() does it (init_state, make_train_epoch, ...)."""
+    """The project's own wiring, exactly as fit() builds it (train.build_trainer)."""
     model_config = ModelConfig(conv_features=conv_features, conv_impl=args.conv_impl,
                                pool_impl=args.pool_impl)
     train_config = TrainConfig(seed=SEED, batch_size=args.batch_size, engine=args.engine)
-    model, state = init_state(model_config, train_config)
-    # As fit(): "auto" depends on the resolved conv formulation (loop for XLA:CPU's conv).
-    engine_name = engine.resolve_engine(train_config.engine, model.config.conv_impl)
+    trainer = build_trainer(model_config, train_config)
     return JaxRun(
-        model_config=model.config, engine_name=engine_name,
-        num_params=count_params(state.params), state=state,
-        train_epoch=engine.make_train_epoch(train_config.batch_size, engine_name),
-        evaluate=engine.make_evaluate(EVAL_BATCH_SIZE),
+        model_config=trainer.model.config, eval_config=trainer.eval_model.config,
+        engine_name=trainer.engine_name, num_params=count_params(trainer.state.params),
+        state=trainer.state, train_epoch=trainer.train_epoch, evaluate=trainer.evaluate,
         train_split=splits[0], val_split=splits[1])
 
 
@@ -292,7 +290,9 @@ def summarize_variant(variant, epochs, jax_run, keras_model, n_train) -> dict:
             stats["device_peak_mb"] = max(peaks) if peaks else None
             stats.update(num_params=jax_run.num_params, engine=jax_run.engine_name,
                          conv_impl=jax_run.model_config.conv_impl,
-                         pool_impl=jax_run.model_config.pool_impl)
+                         pool_impl=jax_run.model_config.pool_impl,
+                         eval_conv_impl=jax_run.eval_config.conv_impl,
+                         eval_pool_impl=jax_run.eval_config.pool_impl)
         else:
             stats.update(first_epoch_s=first["seconds"], num_params=keras_model.count_params(),
                          jit_compile=_keras_jit_compile(keras_model))
@@ -408,7 +408,8 @@ def notes(report: dict) -> list[str]:
         j = result.get("jax")
         if j is not None:
             lines.append(f"{variant} jax: engine {j['engine']}, {j['conv_impl']} conv, "
-                         f"{j['pool_impl']} pool, {j['num_params']:,} params; compile: "
+                         f"{j['pool_impl']} pool (eval: {j['eval_conv_impl']} conv, "
+                         f"{j['eval_pool_impl']} pool), {j['num_params']:,} params; compile: "
                          f"{j['compile_method']}")
         k = result.get("keras")
         if k is not None:

@@ -10,6 +10,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -29,7 +30,7 @@ from mnist_jax.config import ModelConfig, TrainConfig, to_dict
 from mnist_jax.data import Dataset
 from mnist_jax.early_stopping import EarlyStopping
 from mnist_jax.errors import TrainingDiverged
-from mnist_jax.model import build_model, count_params, init_params
+from mnist_jax.model import CNN, build_model, count_params, init_params
 from mnist_jax.resources import ResourceSampler
 
 INIT_STREAM = 0
@@ -54,6 +55,29 @@ def init_state(model_config: ModelConfig, train_config: TrainConfig, tx=None):
     return model, state
 
 
+@dataclass
+class Trainer:
+    """What an epoch needs, built once per run: the initial state and compiled functions."""
+
+    model: CNN  # the training formulation
+    eval_model: CNN  # the same function and parameters, formulated for evaluation
+    state: steps.TrainState
+    engine_name: str
+    train_epoch: Callable  # (state, split) -> (state, totals)
+    evaluate: Callable  # (state, split) -> totals
+
+
+def build_trainer(model_config: ModelConfig, train_config: TrainConfig, *,
+                  train_step: Callable = steps.train_step, tx=None) -> Trainer:
+    model, state = init_state(model_config, train_config, tx)
+    eval_model = build_model(model_config, purpose="eval")
+    engine_name = engine.resolve_engine(train_config.engine, model.config.conv_impl)
+    eval_step = functools.partial(steps.eval_step, apply_fn=eval_model.apply)
+    return Trainer(model, eval_model, state, engine_name,
+                   engine.make_train_epoch(train_config.batch_size, engine_name, train_step),
+                   engine.make_evaluate(train_config.eval_batch_size, eval_step))
+
+
 def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
         out_dir: str | Path | None = None, *, name: str = "model",
         train_step: Callable = steps.train_step, tx=None,
@@ -69,25 +93,25 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
       The final state (best weights restored per the config), history and stopping state.
     """
     cfg = train_config
-    model, state = init_state(model_config, cfg, tx)
-    engine_name = engine.resolve_engine(cfg.engine, model.config.conv_impl)
+    trainer = build_trainer(model_config, cfg, train_step=train_step, tx=tx)
+    model, state, engine_name = trainer.model, trainer.state, trainer.engine_name
     num_params = count_params(state.params)
     train_split = engine.to_device(*data.train)
     val_split = engine.to_device(*data.test)
-    train_epoch = engine.make_train_epoch(cfg.batch_size, engine_name, train_step)
-    evaluate = engine.make_evaluate(cfg.eval_batch_size)
     stopper = EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
                             min_delta=cfg.min_delta)
     out = records.claim_run_dir(out_dir) if out_dir is not None else None
     if out is not None:
         records.write_json(out / records.CONFIG_FILE, run_description(
-            model.config, cfg, engine_name, num_params, name, data))
+            trainer, cfg, num_params, name, data))
     checkpoint = BestCheckpoint(out / records.CHECKPOINT_DIR) if out is not None else None
 
     history: list[dict] = []
     best_state = None
+    ev = trainer.eval_model.config
     log(f"[{name}] conv {model.config.conv_features}, {num_params:,} parameters, "
-        f"engine {engine_name} ({model.config.conv_impl} conv, {model.config.pool_impl} pool), "
+        f"engine {engine_name} ({model.config.conv_impl} conv, {model.config.pool_impl} pool; "
+        f"eval {ev.conv_impl} conv, {ev.pool_impl} pool), "
         f"{len(data.train.labels):,} train / {len(data.test.labels):,} val examples")
     sampler = ResourceSampler(cfg.resource_interval_s)
     try:
@@ -96,8 +120,8 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, data: Dataset,
             cli.progress(f"[{name}] epoch {epoch}/{cfg.epochs} running...")
             sampler.begin_epoch()
             start = time.perf_counter()
-            state, train_totals = train_epoch(state, train_split)
-            val_totals = evaluate(state, val_split)
+            state, train_totals = trainer.train_epoch(state, train_split)
+            val_totals = trainer.evaluate(state, val_split)
             # The epoch's one host sync: both sets of totals at once.
             train_totals, val_totals = jax.device_get((train_totals, val_totals))
             seconds = time.perf_counter() - start
@@ -160,8 +184,8 @@ def format_epoch(name: str, epoch: int, epochs: int, row: dict, has_gpu: bool) -
     return line
 
 
-def run_description(model_config: ModelConfig, train_config: TrainConfig, engine_name: str,
-                    num_params: int, name: str, data: Dataset) -> dict:
+def run_description(trainer: Trainer, train_config: TrainConfig, num_params: int, name: str,
+                    data: Dataset) -> dict:
     """What config.json records: enough to rerun and to know where the run ran."""
     versions = {}
     for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -172,8 +196,10 @@ def run_description(model_config: ModelConfig, train_config: TrainConfig, engine
             versions[package] = None
     return {
         "name": name,
-        "model": to_dict(model_config),
-        "train": {**to_dict(train_config), "engine": engine_name,
+        "model": to_dict(trainer.model.config),
+        "eval_formulation": {"conv_impl": trainer.eval_model.config.conv_impl,
+                             "pool_impl": trainer.eval_model.config.pool_impl},
+        "train": {**to_dict(train_config), "engine": trainer.engine_name,
                   "mode": train_config.resolved_mode},
         "num_params": num_params,
         "data": {"train_examples": len(data.train.labels),

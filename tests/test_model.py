@@ -63,3 +63,12 @@ def test_auto_formulation_depends_on_backend():
     assert (resolve_impls(cfg, "cpu").conv_impl, resolve_impls(cfg, "cpu").pool_impl) == ("patches", "reshape")
     assert resolve_impls(cfg, "gpu").conv_impl == "xla"
     assert resolve_impls(dataclasses.replace(cfg, conv_impl="xla"), "cpu").conv_impl == "xla"
+
+
+def test_evaluation_uses_the_formulation_fast_without_gradients():
+    from mnist_jax.model import resolve_impls
+
+    cfg = ModelConfig()
+    ev = resolve_impls(cfg, "cpu", purpose="eval")
+    assert (ev.conv_impl, ev.pool_impl) == ("xla", "window")
+    assert resolve_impls(ModelConfig(conv_impl="patches"), "cpu", purpose="eval").conv_impl == "patches"

@@ -140,3 +140,16 @@ def test_another_optimizer_swaps_in_without_editing_the_library(tiny):
     expected = jax.tree.structure(optax.sgd(0.05).init(result.state.params))
     assert jax.tree.structure(result.state.opt_state) == expected
     assert int(result.state.step) == 16
+
+
+def test_report_refuses_damaged_or_missing_files_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / records.RESULT_FILE).write_text("{not json")
+    proc = _run("-m", "mnist_jax.report", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is not a finished run: config.json is missing" in proc.stderr
+    (run / records.CONFIG_FILE).write_text("{}")
+    (run / records.HISTORY_FILE).write_text("epoch,val_accuracy\n1,0.5\n")
+    with pytest.raises(UserError, match="damaged file"):
+        report.summarize_run(run)

@@ -49,7 +49,7 @@ from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, Train
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
 from mnist_jax.resources import jax_peak_bytes
-from mnist_jax.train import build_trainer
+from mnist_jax.train import build_trainer, cpu_model
 
 VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
 FRAMEWORKS = ("jax", "keras")
@@ -333,7 +333,7 @@ def machine_info(keras, tf) -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average_start": list(os.getloadavg()),
@@ -348,17 +348,6 @@ def machine_info(keras, tf) -> dict:
         except Exception:
             info["tf_devices"] = None
     return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def versions() -> dict:

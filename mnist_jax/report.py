@@ -74,7 +74,8 @@ def _summary(run_dir: Path, config: dict, history: list[dict], result: dict) -> 
         # Epoch 1 includes compilation; the steady state is the later epochs.
         "mean_epoch_s": statistics.fmean(times[1:] if len(times) > 1 else times),
         "backend": config["backend"],
-        "device": config["devices"][0] if config["devices"] else None,
+        "device": ((config.get("host") or {}).get("cpu_model") or "CPU"
+                   if config["backend"] == "cpu" else config["devices"][0]),
         "engine": config["train"]["engine"],
         "seed": config["train"]["seed"],
     }
@@ -125,14 +126,16 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
     runs = [summarize_run(d) for d in run_dirs]
     summary = {"runs": runs}
     records.write_json(out_dir / SUMMARY_JSON, summary)
-    device = runs[0]["device"] if runs else "?"
+    device = runs[0]["device"]
     md = [
         "# MNIST: does a third convolution help?", "",
-        f"Measured on {runs[0]['backend'] if runs else '?'} ({device}), "
-        f"seed {runs[0]['seed'] if runs else '?'}, engine {runs[0]['engine'] if runs else '?'}. "
-        f"{runs[0]['train_examples']:,} training images; validation on "
-        f"{runs[0]['val_examples']:,} test images (the notebook: all 10,000). "
-        "Epoch 1 (with compilation) "
+        f"Measured on {device}, JAX backend {runs[0]['backend']}, seed {runs[0]['seed']}, "
+        f"engine {runs[0]['engine']}. {runs[0]['train_examples']:,} training images; "
+        + ("validation on the 10,000 test images, as in the notebook. "
+           if runs[0]["val_examples"] == 10_000 else
+           f"validation on {runs[0]['val_examples']:,} test images (the notebook used all "
+           f"10,000). ")
+        + "Epoch 1 (with compilation) "
         "is left out of the mean epoch time. One seed per model: see the Keras spread over "
         "seeds before reading a difference.", "",
         format_table(summary), "",
@@ -150,16 +153,25 @@ def plot_curves(path: str | Path, run_dirs: list[str | Path]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir in run_dirs:
         history = records.read_history(Path(run_dir) / records.HISTORY_FILE)
-        name = records.read_json(Path(run_dir) / records.RESULT_FILE)["name"]
+        result = records.read_json(Path(run_dir) / records.RESULT_FILE)
         epochs = [row["epoch"] for row in history]
-        ax_acc.plot(epochs, [row["val_accuracy"] for row in history], marker="o", label=name)
-        ax_loss.plot(epochs, [row["val_loss"] for row in history], marker="o", label=name)
-    ax_acc.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
+        for ax, key in ((ax_acc, "val_accuracy"), (ax_loss, "val_loss")):
+            values = [row[key] for row in history]
+            (line,) = ax.plot(epochs, values, marker="o", markersize=4, label=result["name"])
+            best = result.get("best_epoch")
+            if best is not None:  # the restored (and checkpointed) epoch
+                ax.plot(best, values[epochs.index(best)], marker="*", markersize=14,
+                        color=line.get_color(), markeredgecolor="black", linestyle="none")
+    ax_acc.set(title="Validation accuracy (* best epoch, restored)", xlabel="epoch",
+               ylabel="accuracy")
     ax_loss.set(title="Validation loss", xlabel="epoch", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -7,8 +7,9 @@ BestN keeps Keras' tie rule (the first best epoch wins; BestN keeps the last) an
 early-stopping value own best_epoch. Saves are synchronous: the state is small, and a save
 that has returned is on disk.
 
-Plain Orbax reads a checkpoint back without this module:
-    ocp.CheckpointManager(dir).restore(epoch)  # -> nested dicts of arrays
+Plain Orbax reads a checkpoint back without this module (nested dicts and lists of arrays):
+    ocp.CheckpointManager(dir).restore(epoch, args=ocp.args.StandardRestore())
+    ocp.StandardCheckpointer().restore(f"{dir}/{epoch}/default")
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ def test_only_the_latest_save_is_kept_and_plain_orbax_reads_it(tmp_path):
     assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()) == ["4"]
     # No project code: Orbax alone, no target structure.
     with ocp.CheckpointManager((tmp_path / "best").absolute()) as manager:
-        raw = manager.restore(4)
+        raw = manager.restore(4, args=ocp.args.StandardRestore())
     np.testing.assert_array_equal(raw["params"]["conv0"]["kernel"], state.params["conv0"]["kernel"])
+    raw = ocp.StandardCheckpointer().restore((tmp_path / "best" / "4" / "default").absolute())
+    assert int(raw["step"]) == int(state.step)
 
 
 def test_missing_or_mismatched_checkpoints_are_one_line_errors(tmp_path):

@@ -49,7 +49,8 @@ from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, Train
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
 from mnist_jax.resources import jax_peak_bytes
-from mnist_jax.train import build_trainer, cpu_model
+from mnist_jax.resources import cpu_model
+from mnist_jax.train import build_trainer
 
 VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
 FRAMEWORKS = ("jax", "keras")
@@ -490,6 +491,11 @@ def main(argv=None) -> int:
             dataset = data_lib.load_mnist(args.data_dir)
             data_desc = (f"MNIST {len(dataset.train.labels):,} train / "
                          f"{len(dataset.test.labels):,} test")
+        suffix = "-tiny" if args.tiny else ""
+        path = Path(args.json) if args.json else (
+            RESULTS_DIR / f"epoch_speed-{jax.default_backend()}{suffix}.json")
+        if path.is_dir():  # found out now, not after the whole benchmark has run
+            raise UserError(f"--json {path} is a folder, not a file")
         machine = machine_info(keras, tf)
         summary, epochs = run_benchmark(args, dataset, keras)
         machine["load_average_end"] = list(os.getloadavg())
@@ -512,9 +518,6 @@ def main(argv=None) -> int:
                         "rss_mb_end": rss_mb()},  # ru_maxrss is in KiB on Linux
             "epochs": epochs,
         }
-        suffix = "-tiny" if args.tiny else ""
-        path = Path(args.json) if args.json else (
-            RESULTS_DIR / f"epoch_speed-{machine['jax_backend']}{suffix}.json")
         records.write_json(path, report)
         print(format_table(summary, on_gpu=machine["jax_backend"] == "gpu"))
         print()

@@ -140,6 +140,15 @@ def run_main(body: Callable[[], None]) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import jax
+
+        if not isinstance(e, jax.errors.JaxRuntimeError):
+            raise  # a bug: keep its traceback
+        # e.g. RESOURCE_EXHAUSTED for a batch or model too large for the device
+        print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: files written so far are complete (each write is atomic)",
               file=sys.stderr)

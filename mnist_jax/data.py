@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import os
 import tempfile
 import zlib
@@ -64,8 +65,11 @@ def fetch_files(data_dir: str | os.PathLike | None = None) -> dict[tuple[str, st
     names = {key: getattr(tfds_mnist, attr) for key, attr in _TFDS_FILENAME_ATTRS.items()}
     manual_dir = resolve_data_dir(data_dir)
     if manual_dir is not None:
+        source = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+        if not manual_dir.exists():
+            raise DataError(f"data folder {manual_dir} ({source}) does not exist")
         if not manual_dir.is_dir():
-            raise DataError(f"data folder {manual_dir} does not exist")
+            raise DataError(f"data folder {manual_dir} ({source}) is a file, not a folder")
         for name in names.values():
             if not (manual_dir / name).is_file():
                 # Without this check the download manager would try the network.
@@ -73,6 +77,8 @@ def fetch_files(data_dir: str | os.PathLike | None = None) -> dict[tuple[str, st
     urls = {f"{split}_{kind}": tfds_mnist._MNIST_URL + name
             for (split, kind), name in names.items()}
     tfds.display_progress_bar(False)
+    # A failed download is reported once, below; urllib3's retry warnings would repeat it.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as scratch:
         download_dir = scratch if manual_dir is not None else DEFAULT_CACHE / "downloads"
         manager = tfds.download.DownloadManager(

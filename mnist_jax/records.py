@@ -83,7 +83,9 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _parse(text: str):
+def _parse(text):
+    if not isinstance(text, str):  # csv gives a list for a row with extra fields
+        raise ValueError(f"malformed row field {text!r}")
     if text == "":
         return None
     if text in ("True", "False"):

@@ -45,8 +45,9 @@ def summarize_run(run_dir: str | Path) -> dict:
         raise UserError(f"{run_dir / records.HISTORY_FILE} has no epochs")
     try:
         return _summary(run_dir, config, history, result)
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{run_dir}: its files lack {e} (written by another version?)") from None
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{run_dir}: its files do not hold a run of this version "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def _summary(run_dir: Path, config: dict, history: list[dict], result: dict) -> dict:
@@ -125,6 +126,10 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
     out_dir = Path(out_dir)
     runs = [summarize_run(d) for d in run_dirs]
     summary = {"runs": runs}
+    try:
+        table = format_table(summary)
+    except (KeyError, TypeError, ValueError) as e:  # a history without resource columns
+        raise UserError(f"{out_dir}: a run's summary lacks {e}") from None
     records.write_json(out_dir / SUMMARY_JSON, summary)
     device = runs[0]["device"]
     md = [
@@ -138,7 +143,7 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
         + "Epoch 1 (with compilation) "
         "is left out of the mean epoch time. One seed per model: see the Keras spread over "
         "seeds before reading a difference.", "",
-        format_table(summary), "",
+        table, "",
         f"![validation curves]({CURVES_PNG})", "",
     ]
     records.atomic_write_text(out_dir / SUMMARY_MD, "\n".join(md))
@@ -164,7 +169,7 @@ def plot_curves(path: str | Path, run_dirs: list[str | Path]) -> None:
             values = [row[key] for row in history]
             (line,) = ax.plot(epochs, values, marker="o", markersize=4, label=result["name"])
             best = result.get("best_epoch")
-            if best is not None:  # the restored (and checkpointed) epoch
+            if best in epochs:  # the restored (and checkpointed) epoch
                 ax.plot(best, values[epochs.index(best)], marker="*", markersize=14,
                         color=line.get_color(), markeredgecolor="black", linestyle="none")
     ax_acc.set(title="Validation accuracy (* best epoch, restored)", xlabel="epoch",

@@ -13,8 +13,10 @@ psutil.cpu_count() reports the host's cores, not a container's CPU quota.
 
 from __future__ import annotations
 
+import platform
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import psutil
 
@@ -55,14 +57,18 @@ class ResourceSampler:
         }
         if self._gpus:
             import pynvml
+            # Separate reads: some devices (MIG slices) report memory but not utilisation.
             try:
                 util = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._gpus]
-                mem = [pynvml.nvmlDeviceGetMemoryInfo(h) for h in self._gpus]
                 sample["gpu_util_percent"] = sum(util) / len(util)
+            except pynvml.NVMLError:
+                pass
+            try:
+                mem = [pynvml.nvmlDeviceGetMemoryInfo(h) for h in self._gpus]
                 sample["vram_used_mb"] = sum(m.used for m in mem) / MB
                 sample["vram_total_mb"] = sum(m.total for m in mem) / MB
             except pynvml.NVMLError:
-                pass  # a failed read loses one sample, not the run
+                pass
         with self._lock:
             for key, value in sample.items():
                 self._samples[key].append(float(value))
@@ -116,13 +122,18 @@ def _open_nvml(num_gpus: int | None):
     try:
         import pynvml
         pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-        n = min(count, num_gpus or len(gpus))
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
-        name = pynvml.nvmlDeviceGetName(handles[0])
-        return handles, f"sampling {n} GPU(s) through NVML: {name}"
     except Exception as e:  # no driver, no library, not an NVIDIA device
         return [], f"NVML unavailable ({type(e).__name__}): GPU load and VRAM not sampled"
+    try:
+        n = min(pynvml.nvmlDeviceGetCount(), num_gpus or len(gpus))
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
+        if not handles:
+            raise RuntimeError("NVML lists no device")
+        name = pynvml.nvmlDeviceGetName(handles[0])
+        return handles, f"sampling {n} GPU(s) through NVML: {name}"
+    except Exception as e:
+        pynvml.nvmlShutdown()
+        return [], f"NVML unusable ({type(e).__name__}): GPU load and VRAM not sampled"
 
 
 def jax_peak_bytes() -> int | None:
@@ -134,3 +145,14 @@ def jax_peak_bytes() -> int | None:
     except Exception:  # some backends raise rather than return None
         return None
     return stats.get("peak_bytes_in_use") if stats else None
+
+
+def cpu_model() -> str:
+    """The processor's name (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -31,6 +31,7 @@ from mnist_jax.data import Dataset
 from mnist_jax.early_stopping import EarlyStopping
 from mnist_jax.errors import TrainingDiverged
 from mnist_jax.model import CNN, build_model, count_params, init_params
+from mnist_jax import resources
 from mnist_jax.resources import ResourceSampler
 
 INIT_STREAM = 0
@@ -207,20 +208,9 @@ def run_description(trainer: Trainer, train_config: TrainConfig, num_params: int
         "versions": {"python": platform.python_version(), **versions},
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.local_devices()],
-        "host": {"machine": platform.machine(), "cpu_model": cpu_model(),
+        "host": {"machine": platform.machine(), "cpu_model": resources.cpu_model(),
                  "cpu_count": os.cpu_count()},
     }
-
-
-def cpu_model() -> str:
-    """The processor's name (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

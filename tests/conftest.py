@@ -1,9 +1,14 @@
 import os
 from pathlib import Path
 
+import jax
 import pytest
 
 from mnist_jax import data
+
+# Exact float32 products wherever the tests run: on recent GPUs JAX's default is TF32,
+# which would break the float32 tolerances of the equivalence tests.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from mnist_jax import records, report
@@ -109,7 +110,7 @@ def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
     (["--learning-rate", "nan"], "learning rate must be a positive number, got nan"),
     (["--learning-rate", "-1"], "learning rate must be a positive number, got -1.0"),
     (["--engine", "fast"], "invalid choice: 'fast'"),
-    (["--data-dir", "/nonexistent/mnist"], "data folder /nonexistent/mnist does not exist"),
+    (["--data-dir", "/nonexistent/mnist"], "data folder /nonexistent/mnist (--data-dir) does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc = _run("-m", "experiments.depth_study", "--out", str(tmp_path / "o"), *args)
@@ -153,3 +154,43 @@ def test_report_refuses_damaged_or_missing_files_in_one_line(tmp_path):
     (run / records.HISTORY_FILE).write_text("epoch,val_accuracy\n1,0.5\n")
     with pytest.raises(UserError, match="damaged file"):
         report.summarize_run(run)
+
+
+@pytest.mark.mnist
+def test_same_seed_same_files_across_processes(mnist_path, tmp_path):
+    """Bit-identical results from two separate processes, not only within one."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        proc = _run("-m", "mnist_jax.train", "--data-dir", str(mnist_path), "--train-limit", "640",
+                    "--epochs", "2", "--seed", "3", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    a, b = (records.read_history(o / records.HISTORY_FILE) for o in outs)
+    assert [[row[k] for k in keys] for row in a] == [[row[k] for k in keys] for row in b]
+    with ocp.CheckpointManager((outs[0] / records.CHECKPOINT_DIR).absolute()) as m0, \
+            ocp.CheckpointManager((outs[1] / records.CHECKPOINT_DIR).absolute()) as m1:
+        best = m0.latest_step()
+        p0 = m0.restore(best, args=ocp.args.StandardRestore())["params"]
+        p1 = m1.restore(best, args=ocp.args.StandardRestore())["params"]
+    for x, y in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_data_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    proc = _run("-m", "experiments.depth_study", "--data-dir", str(tmp_path / "f"),
+                "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: data folder {tmp_path / 'f'} (--data-dir) is a file, not a folder"
+
+
+def test_benchmark_runs_in_tiny_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("-m", "benchmarks.epoch_speed", "--tiny", "--frameworks", "jax",
+                "--variants", "2conv", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())["results"]["2conv"]["jax"]
+    assert result["median_s"] > 0 and result["num_params"] == 113_386
+    assert result["compile_s"] > 0

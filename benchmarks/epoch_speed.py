@@ -35,7 +35,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +48,7 @@ from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, Train
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
 from mnist_jax.resources import jax_peak_bytes
-from mnist_jax.resources import cpu_model
+from mnist_jax.resources import cpu_model, package_versions
 from mnist_jax.train import build_trainer
 
 VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
@@ -352,14 +351,8 @@ def machine_info(keras, tf) -> dict:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "keras", "tensorflow",
-                    "tensorflow-cpu"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    return package_versions("jax", "jaxlib", "flax", "optax", "numpy", "keras", "tensorflow",
+                            "tensorflow-cpu")
 
 
 def format_table(summary: dict, on_gpu: bool) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import platform
 import threading
+from importlib import metadata
 from collections import defaultdict
 from pathlib import Path
 
@@ -79,7 +80,10 @@ class ResourceSampler:
 
     def end_epoch(self) -> dict[str, float]:
         """Mean and peak of each quantity since `begin_epoch`, plus JAX's device memory."""
-        self._sample()  # at least one sample, however short the epoch
+        with self._lock:
+            empty = not self._samples
+        if empty:  # an epoch shorter than the interval: one sample, however short
+            self._sample()
         with self._lock:
             samples = dict(self._samples)
         out = {"resource_samples": len(samples["cpu_percent"])}
@@ -156,3 +160,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def package_versions(*packages: str) -> dict[str, str | None]:
+    """Python's and each installed package's version (None where not installed)."""
+    out = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out

@@ -17,7 +17,6 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -188,13 +187,6 @@ def format_epoch(name: str, epoch: int, epochs: int, row: dict, has_gpu: bool) -
 def run_description(trainer: Trainer, train_config: TrainConfig, num_params: int, name: str,
                     data: Dataset) -> dict:
     """What config.json records: enough to rerun and to know where the run ran."""
-    versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
-                    "tensorflow-datasets"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
         "name": name,
         "model": to_dict(trainer.model.config),
@@ -205,7 +197,8 @@ def run_description(trainer: Trainer, train_config: TrainConfig, num_params: int
         "num_params": num_params,
         "data": {"train_examples": len(data.train.labels),
                  "val_examples": len(data.test.labels)},
-        "versions": {"python": platform.python_version(), **versions},
+        "versions": resources.package_versions(
+            "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets"),
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.local_devices()],
         "host": {"machine": platform.machine(), "cpu_model": resources.cpu_model(),

@@ -1,21 +1,23 @@
 """Seconds per training epoch: this project's JAX epoch against the notebook's Keras model.
 
     python -m benchmarks.epoch_speed --data-dir ../shared/mnist
+    python -m benchmarks.epoch_speed --data-dir ../shared/mnist --frameworks jax --seeds 1,3
     python -m benchmarks.epoch_speed --tiny          # synthetic data, seconds: checks it runs
 
 A benchmark, not a test: it asserts nothing and its numbers depend on the machine and on
 whatever else runs on it (the load average is recorded at start and end).
 
 What it measures, per variant (2conv = conv (32, 32), 3conv = conv (32, 32, 64)):
-- JAX: one epoch as fit() runs it: `train_epoch` over the 60k training images (batch 32)
-  plus `evaluate` on the 10k test images (batch 1000), timed up to the host fetch of both
-  sets of totals. Compile time is measured apart: for the "scan" engine ahead of time
-  (`lower().compile()` of the epoch and of the evaluation batch; the jitted calls then
-  reuse those executables), for the "loop" engine as first epoch minus median epoch.
+- JAX: one epoch as fit() runs it, `train.run_epoch` itself: training over the 60k
+  training images (batch 32) plus validation on the 10k test images (batch 1000), for
+  every seed of the run, timed up to the host fetch of both sets of totals. With
+  `--seeds 1,3` it times one seed and three seeds side by side (`--layout` says how the
+  seeds share the device). Compile time: first epoch minus median epoch, with JAX's own
+  compile events (jax.monitoring) beside it.
 - Keras: the notebook's model, one `model.fit(x, y, batch_size=32, epochs=1,
   validation_data=(xt, yt), shuffle=True)` call per epoch (the call's own overhead
   included). Keras runs on the CPU: TensorFlow is told to use no GPU.
-Each framework gets one warm-up epoch per variant, then --epochs timed epochs; the rounds
+Each contestant (JAX at each seed count, Keras) gets one warm-up epoch per variant, then --epochs timed epochs; the rounds
 alternate JAX and Keras (and which one goes first) so drifting load hits both alike.
 Models and states live across rounds, so every timed epoch continues the same training.
 
@@ -44,12 +46,12 @@ import psutil
 
 from mnist_jax import cli, engine, records
 from mnist_jax import data as data_lib
-from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, TrainConfig
+from mnist_jax.config import CONV_IMPLS, ENGINES, LAYOUTS, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
 from mnist_jax.resources import jax_peak_bytes
 from mnist_jax.resources import cpu_model, package_versions
-from mnist_jax.train import build_trainer
+from mnist_jax.train import Run, build_run, run_epoch
 
 VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
 FRAMEWORKS = ("jax", "keras")
@@ -61,8 +63,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1024 * 1024
 
 # JAX's own compile-phase events (tracing, lowering to MLIR, XLA compile). Summing them
-# shows whether an epoch compiled anything, e.g. that the first scan epoch after the AOT
-# compile reused its executable rather than compiling again.
+# shows whether an epoch compiled anything, e.g. that no timed epoch compiles again.
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -94,65 +95,38 @@ class CompileWatch:
 
 @dataclass
 class JaxRun:
-    """One variant's live JAX training: state, compiled functions and the device splits."""
+    """One variant's live JAX training at K seeds: the run fit() builds and its splits."""
 
-    model_config: ModelConfig  # resolved: conv_impl and pool_impl are concrete
-    eval_config: ModelConfig  # the evaluation formulation, resolved
-    engine_name: str
-    num_params: int
-    state: Any
-    train_epoch: Callable
-    evaluate: Callable
+    seeds: int
+    run: Run
+    states: Any
     train_split: engine.Split
     val_split: engine.Split
-    compile: dict = field(default_factory=dict)
+    num_params: int
 
 
-def build_jax_run(conv_features, args, splits) -> JaxRun:
-    """The project's own wiring, exactly as fit() builds it (train.build_trainer)."""
+def build_jax_run(conv_features, seeds: int, args, splits) -> JaxRun:
+    """The project's own wiring, exactly as fit() builds it (train.build_run)."""
     model_config = ModelConfig(conv_features=conv_features, conv_impl=args.conv_impl,
                                pool_impl=args.pool_impl)
-    train_config = TrainConfig(seed=SEED, batch_size=args.batch_size, engine=args.engine)
-    trainer = build_trainer(model_config, train_config)
-    return JaxRun(
-        model_config=trainer.model.config, eval_config=trainer.eval_model.config,
-        engine_name=trainer.engine_name, num_params=count_params(trainer.state.params),
-        state=trainer.state, train_epoch=trainer.train_epoch, evaluate=trainer.evaluate,
-        train_split=splits[0], val_split=splits[1])
+    train_config = TrainConfig(seed=SEED, seeds=seeds, layout=args.layout,
+                               batch_size=args.batch_size, engine=args.engine)
+    run = build_run(model_config, train_config)
+    return JaxRun(seeds, run, run.states, splits[0], splits[1],
+                  count_params(engine.seed_slice(run.states.params, 0)))
 
 
-def aot_compile(run: JaxRun) -> dict:
-    """Compile the scan epoch and the evaluation batch ahead of time; seconds per phase.
-
-    The jitted functions keep these executables, so the first epoch after this runs
-    without compiling (CompileWatch checks it). Lowering does not consume the donated
-    state, so the state stays usable.
-    """
+def time_jax_epoch(jr: JaxRun) -> dict:
+    """One fit() epoch (train + validation of every seed), timed up to the host holding
+    both sets of totals: train.run_epoch, the function fit() calls."""
     start = time.perf_counter()
-    lowered_train = run.train_epoch.lower(run.state, run.train_split)
-    lowered = time.perf_counter()
-    lowered_train.compile()
-    compiled = time.perf_counter()
-    lowered_eval = run.evaluate.eval_batch.lower(
-        run.state, engine.zero_totals(), run.val_split, np.int32(0))
-    lowered_eval.compile()
-    done = time.perf_counter()
-    return {"train_lower_s": lowered - start, "train_compile_s": compiled - lowered,
-            "eval_lower_compile_s": done - compiled, "seconds": done - start}
-
-
-def time_jax_epoch(run: JaxRun) -> dict:
-    """One fit() epoch (train + validation), timed up to the host holding both totals."""
-    start = time.perf_counter()
-    run.state, train_totals = run.train_epoch(run.state, run.train_split)
-    val_totals = run.evaluate(run.state, run.val_split)
-    # Totals depend on the last step, so fetching them waits for the whole epoch; the
-    # state's block is a no-op then, kept in case a future epoch returns totals early.
-    train_totals, val_totals = jax.device_get((train_totals, val_totals))
-    jax.block_until_ready(run.state)
+    jr.states, train_totals, val_totals = run_epoch(jr.run.epochs, jr.states, jr.train_split,
+                                                    jr.val_split, [True] * jr.seeds)
+    jax.block_until_ready(jr.states)  # a no-op once the totals are here; kept for safety
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, **engine.mean_metrics("train", train_totals),
-            **engine.mean_metrics("val", val_totals)}
+    # Seed 0's metrics: the same seed at every seed count, so runs can be compared.
+    return {"seconds": seconds, **engine.per_seed_means("train", train_totals)[0],
+            **engine.per_seed_means("val", val_totals)[0]}
 
 
 def jax_device_peak_mb() -> float | None:
@@ -218,103 +192,106 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / MB
 
 
+def contestant_name(seeds: int) -> str:
+    return "jax" if seeds == 1 else f"jax-{seeds}seeds"
+
+
 def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
-    """Warm up every (variant, framework), then alternate timed epochs; all epoch records."""
+    """Warm up every (variant, contestant), then alternate timed epochs; all epoch records.
+    The contestants: JAX at each --seeds count, and Keras (one seed)."""
     watch = CompileWatch()
     epochs: list[dict] = []
-    jax_runs: dict[str, JaxRun] = {}
+    jax_runs: dict[tuple[str, str], JaxRun] = {}
     keras_models: dict[str, Any] = {}
     splits = (engine.to_device(*dataset.train), engine.to_device(*dataset.test))
     k_train, k_test = keras_arrays(dataset) if keras is not None else (None, None)
+    contestants = ([contestant_name(k) for k in args.seeds] if "jax" in args.frameworks else [])
+    contestants += ["keras"] if keras is not None else []
 
-    def run_epoch(variant, framework, phase, round_):
+    def timed_epoch(variant, contestant, phase, round_):
         mark = watch.snapshot()
-        if framework == "jax":
-            row = time_jax_epoch(jax_runs[variant])
+        if contestant == "keras":
+            row = time_keras_epoch(keras_models[variant], k_train, k_test, args.batch_size)
+            seeds = 1
+        else:
+            jr = jax_runs[variant, contestant]
+            row = time_jax_epoch(jr)
             row.update(watch.since(mark))
             row["device_peak_mb"] = jax_device_peak_mb()
-        else:
-            row = time_keras_epoch(keras_models[variant], k_train, k_test, args.batch_size)
-        row = {"variant": variant, "framework": framework, "phase": phase, "round": round_,
-               **row, "rss_mb": rss_mb()}
+            seeds = jr.seeds
+        row = {"variant": variant, "framework": contestant, "seeds": seeds, "phase": phase,
+               "round": round_, **row, "rss_mb": rss_mb()}
         epochs.append(row)
-        progress(f"{phase:>7} {round_:>2} {variant} {framework:<5} {row['seconds']:8.2f} s  "
+        progress(f"{phase:>7} {round_:>2} {variant} {contestant:<12} {row['seconds']:8.2f} s  "
                  f"val_acc {row['val_accuracy']:.4f}  rss {row['rss_mb']:,.0f} MB")
         return row
 
     for variant in args.variants:
-        if "jax" in args.frameworks:
-            run = jax_runs[variant] = build_jax_run(VARIANTS[variant], args, splits)
-            if run.engine_name == "scan":
-                mark = watch.snapshot()
-                run.compile = {"method": "aot", **aot_compile(run), **watch.since(mark)}
-                progress(f"compile {variant} jax   {run.compile['seconds']:8.2f} s (AOT)")
-            run_epoch(variant, "jax", "warmup", 0)
+        for seeds in (args.seeds if "jax" in args.frameworks else ()):
+            jax_runs[variant, contestant_name(seeds)] = build_jax_run(
+                VARIANTS[variant], seeds, args, splits)
+            timed_epoch(variant, contestant_name(seeds), "warmup", 0)
         if keras is not None:
             keras.utils.set_random_seed(SEED)
             keras_models[variant] = build_keras_model(keras, VARIANTS[variant])
-            run_epoch(variant, "keras", "warmup", 0)
+            timed_epoch(variant, "keras", "warmup", 0)
 
     for round_ in range(1, args.epochs + 1):
-        order = args.frameworks if round_ % 2 else args.frameworks[::-1]
+        order = contestants if round_ % 2 else contestants[::-1]
         for variant in args.variants:
-            for framework in order:
-                run_epoch(variant, framework, "timed", round_)
+            for contestant in order:
+                timed_epoch(variant, contestant, "timed", round_)
 
     n_train = len(dataset.train.labels)
-    summary = {variant: summarize_variant(variant, epochs, jax_runs.get(variant),
+    summary = {variant: summarize_variant(variant, contestants, epochs, jax_runs,
                                           keras_models.get(variant), n_train)
                for variant in args.variants}
     return summary, epochs
 
 
-def summarize_variant(variant, epochs, jax_run, keras_model, n_train) -> dict:
+def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_train) -> dict:
     out: dict[str, Any] = {}
-    for framework in FRAMEWORKS:
-        rows = [r for r in epochs if r["variant"] == variant and r["framework"] == framework]
-        if not rows:
-            continue
+    for contestant in contestants:
+        rows = [r for r in epochs if r["variant"] == variant and r["framework"] == contestant]
         first = next(r for r in rows if r["phase"] == "warmup")
         timed = [r["seconds"] for r in rows if r["phase"] == "timed"]
         median = statistics.median(timed)
         stats = {
+            "seeds": first["seeds"],
             "timed_epochs": len(timed), "median_s": median, "min_s": min(timed),
-            "max_s": max(timed), "images_per_s": n_train / median,
+            "max_s": max(timed), "images_per_s": first["seeds"] * n_train / median,
             # RSS is the whole process's (both frameworks live in it), sampled after epochs.
             "rss_mb_peak": max(r["rss_mb"] for r in rows),
             "final_val_accuracy": rows[-1]["val_accuracy"],
+            "first_epoch_s": first["seconds"],
         }
-        if framework == "jax":
-            stats.update(jax_compile_stats(jax_run, first, median))
-            peaks = [r["device_peak_mb"] for r in rows if r["device_peak_mb"] is not None]
-            stats["device_peak_mb"] = max(peaks) if peaks else None
-            stats.update(num_params=jax_run.num_params, engine=jax_run.engine_name,
-                         conv_impl=jax_run.model_config.conv_impl,
-                         pool_impl=jax_run.model_config.pool_impl,
-                         eval_conv_impl=jax_run.eval_config.conv_impl,
-                         eval_pool_impl=jax_run.eval_config.pool_impl)
-        else:
-            stats.update(first_epoch_s=first["seconds"], num_params=keras_model.count_params(),
+        if contestant == "keras":
+            stats.update(num_params=keras_model.count_params(),
                          jit_compile=_keras_jit_compile(keras_model))
-        out[framework] = stats
+        else:
+            jr = jax_runs[variant, contestant]
+            peaks = [r["device_peak_mb"] for r in rows if r["device_peak_mb"] is not None]
+            model, ev = jr.run.model.config, jr.run.eval_model.config
+            stats.update(
+                compile_s=first["seconds"] - median,
+                compile_method="first epoch minus median epoch",
+                compile_events_s=first["compile_events_s"],
+                timed_backend_compiles=sum(r["backend_compiles"] for r in rows
+                                           if r["phase"] == "timed"),
+                device_peak_mb=max(peaks) if peaks else None,
+                num_params=jr.num_params, engine=jr.run.epochs.engine,
+                layout=jr.run.epochs.layout, conv_impl=model.conv_impl,
+                pool_impl=model.pool_impl, eval_conv_impl=ev.conv_impl,
+                eval_pool_impl=ev.pool_impl)
+        out[contestant] = stats
     if "jax" in out and "keras" in out:
         out["ratio_jax_over_keras"] = out["jax"]["median_s"] / out["keras"]["median_s"]
+    if "jax" in out:
+        for contestant in out:
+            if contestant.startswith("jax-"):
+                out[contestant]["ratio_over_one_seed"] = (out[contestant]["median_s"]
+                                                          / out["jax"]["median_s"])
     return out
-
-
-def jax_compile_stats(run: JaxRun, first: dict, median: float) -> dict:
-    """Compile seconds and the first epoch's cost as fit() would see it (compile included)."""
-    if run.compile.get("method") == "aot":
-        return {"compile_s": run.compile["seconds"],
-                "compile_method": "AOT lower().compile() of train_epoch and eval_batch",
-                "compile_detail": run.compile,
-                "first_call_s": first["seconds"],
-                "first_call_compiles": first["backend_compiles"],
-                "first_epoch_s": run.compile["seconds"] + first["seconds"]}
-    return {"compile_s": first["seconds"] - median,
-            "compile_method": "first epoch minus median epoch",
-            "compile_events_s": first["compile_events_s"],
-            "first_epoch_s": first["seconds"]}
 
 
 def _keras_jit_compile(model):
@@ -356,22 +333,23 @@ def versions() -> dict:
 
 
 def format_table(summary: dict, on_gpu: bool) -> str:
-    head = ["variant", "framework", "median s/epoch", "min s", "max s", "images/s",
-            "compile s", "first epoch s", "jax/keras", "peak RSS MB"]
+    head = ["variant", "framework", "seeds", "median s/epoch", "min s", "max s", "images/s",
+            "compile s", "first epoch s", "jax/keras", "x one seed", "peak RSS MB"]
     if on_gpu:
         head.append("JAX device peak MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, result in summary.items():
-        for framework in FRAMEWORKS:
-            s = result.get(framework)
-            if s is None:
+        for contestant, s in result.items():
+            if not isinstance(s, dict):
                 continue
             ratio = result.get("ratio_jax_over_keras")
-            cells = [variant, framework, f"{s['median_s']:.2f}", f"{s['min_s']:.2f}",
-                     f"{s['max_s']:.2f}", f"{s['images_per_s']:,.0f}",
+            over_one = s.get("ratio_over_one_seed")
+            cells = [variant, contestant, str(s["seeds"]), f"{s['median_s']:.2f}",
+                     f"{s['min_s']:.2f}", f"{s['max_s']:.2f}", f"{s['images_per_s']:,.0f}",
                      f"{s['compile_s']:.2f}" if "compile_s" in s else "-",
                      f"{s['first_epoch_s']:.2f}",
-                     f"{ratio:.2f}" if ratio is not None and framework == "jax" else "",
+                     f"{ratio:.2f}" if ratio is not None and contestant == "jax" else "",
+                     f"{over_one:.2f}" if over_one is not None else "",
                      f"{s['rss_mb_peak']:,.0f}"]
             if on_gpu:
                 peak = s.get("device_peak_mb")
@@ -385,15 +363,16 @@ def notes(report: dict) -> list[str]:
     lines = [f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, JAX on "
              f"{m['jax_backend']} ({m['jax_device_kind']}); load average at start "
              f"{m['load_average_start'][0]:.2f}, at end {m['load_average_end'][0]:.2f}",
-             f"data: {s['data']}; batch {s['batch_size']}; 1 warm-up + {s['epochs']} timed "
-             f"epochs per framework, alternating; epoch = train + validation"]
+             f"data: {s['data']}; batch {s['batch_size']} per seed; 1 warm-up + {s['epochs']} "
+             f"timed epochs per contestant, alternating; epoch = train + validation of every "
+             f"seed, as train.run_epoch (fit()'s own) runs it"]
     for variant, result in report["results"].items():
-        j = result.get("jax")
-        if j is not None:
-            lines.append(f"{variant} jax: engine {j['engine']}, {j['conv_impl']} conv, "
-                         f"{j['pool_impl']} pool (eval: {j['eval_conv_impl']} conv, "
-                         f"{j['eval_pool_impl']} pool), {j['num_params']:,} params; compile: "
-                         f"{j['compile_method']}")
+        for contestant, j in result.items():
+            if isinstance(j, dict) and contestant.startswith("jax"):
+                lines.append(f"{variant} {contestant}: engine {j['engine']}, seeds {j['layout']}, "
+                             f"{j['conv_impl']} conv, {j['pool_impl']} pool (eval: "
+                             f"{j['eval_conv_impl']} conv, {j['eval_pool_impl']} pool), "
+                             f"{j['num_params']:,} params; compile: {j['compile_method']}")
         k = result.get("keras")
         if k is not None:
             lines.append(f"{variant} keras: {k['num_params']:,} params, jit_compile "
@@ -401,8 +380,10 @@ def notes(report: dict) -> list[str]:
     if s["keras_unavailable"]:
         lines.append(f"keras not run (could not import it: {s['keras_unavailable']}); "
                      f"JAX only")
-    if len(s["frameworks"]) == 2:
+    if "keras" in s["frameworks"]:
         lines.append("jax/keras < 1: the JAX epoch is faster")
+    lines.append("x one seed: the K-seed epoch's median over the one-seed epoch's (K: no "
+                 "faster than seeds one after another; 1: the extra seeds cost nothing)")
     lines.append("peak RSS: the whole process's (every framework and variant in it), "
                  "sampled after each epoch")
     return lines
@@ -411,6 +392,11 @@ def notes(report: dict) -> list[str]:
 def progress(line: str) -> None:
     """Per-epoch lines go to stderr, so stdout holds only the table and notes."""
     print(line, file=sys.stderr, flush=True)
+
+
+def seed_counts(text: str) -> tuple[int, ...]:
+    counts = cli.int_tuple(text)
+    return tuple(dict.fromkeys(counts))
 
 
 def framework_list(text: str) -> tuple[str, ...]:
@@ -450,6 +436,10 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=cli.positive_int, default=None,
                         help=f"timed epochs per framework after one warm-up epoch "
                              f"(default: {DEFAULT_EPOCHS}; --tiny: {TINY_EPOCHS})")
+    parser.add_argument("--seeds", type=seed_counts, default=(1,),
+                        help="comma-separated seed counts to time JAX at, e.g. 1,3 (default: 1)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="how JAX's seeds share the device, as TrainConfig.layout (default: auto)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="JAX engine, as TrainConfig.engine (default: auto)")
     parser.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
@@ -502,7 +492,8 @@ def main(argv=None) -> int:
                          "eval_batch_size_jax": EVAL_BATCH_SIZE,
                          "eval_batch_size_keras": args.batch_size,  # fit()'s default
                          "epochs": args.epochs, "warmup_epochs": 1, "seed": SEED,
-                         "engine": args.engine, "conv_impl": args.conv_impl,
+                         "engine": args.engine, "layout": args.layout,
+                         "seeds": list(args.seeds), "conv_impl": args.conv_impl,
                          "pool_impl": args.pool_impl, "variants": list(args.variants),
                          "frameworks": list(args.frameworks),
                          "keras_unavailable": keras_unavailable},

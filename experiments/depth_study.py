@@ -38,12 +38,16 @@ def main(argv=None) -> int:
     def run():
         train_config = cli.train_config(args)
         out = cli.check_out_dir(args.out, args.default_out)
-        data = cli.load_data(args)
+        splits = cli.load_splits(args)
+        diverged = []
         for name, model_config in VARIANTS.items():
-            fit(cli.model_config(args, model_config), train_config, data, out / name, name=name)
+            result = fit(cli.model_config(args, model_config), train_config, splits, out / name,
+                         name=name)
+            diverged.append((name, result.diverged))
         summary = report.write_study_report(out, [out / name for name in VARIANTS])
-        print(report.format_table(summary))
+        print(report.format_text(summary))
         print(f"wrote {out}")
+        cli.check_finite(diverged)
 
     return cli.run_main(run)
 

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Callable
 
 from mnist_jax import data as data_lib
-from mnist_jax.config import CONV_IMPLS, ENGINES, POOL_IMPLS, ModelConfig, TrainConfig
-from mnist_jax.errors import UserError
+from mnist_jax.config import CONV_IMPLS, ENGINES, LAYOUTS, POOL_IMPLS, ModelConfig, TrainConfig
+from mnist_jax.errors import TrainingDiverged, UserError
+
+DEFAULT_SEEDS = 3  # the command line's default: a comparison needs a spread
 
 
 def _int_at_least(minimum: int, what: str):
@@ -62,7 +64,22 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                         help="early stopping: epochs without val_accuracy improvement before "
                              f"stopping (default: {d.patience})")
     parser.add_argument("--seed", type=non_negative_int, default=d.seed,
-                        help=f"seed of every random draw: init, dropout, shuffling (default: {d.seed})")
+                        help=f"first seed: run i uses seed SEED + i for its initialisation, "
+                             f"dropout and shuffling (default: {d.seed})")
+    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS,
+                        help=f"independent seeds per model, for intervals and tests "
+                             f"(default: {DEFAULT_SEEDS}; the notebook ran 1)")
+    parser.add_argument("--layout", choices=LAYOUTS, default=d.layout,
+                        help="how seeds share the device: 'vmap' (one program over a seed "
+                             "axis), 'sequential' (one after another, compiled once), 'auto' "
+                             "(the faster measured for the backend)")
+    parser.add_argument("--validation", choices=data_lib.VALIDATIONS, default="holdout",
+                        help="'holdout' (default): select epochs on a fixed stratified holdout "
+                             "of the training set and report the test set once per seed; "
+                             "'test': the notebook's protocol, select on the test set")
+    parser.add_argument("--holdout-size", type=positive_int, default=data_lib.HOLDOUT_SIZE,
+                        metavar="N", help="training images held out for validation under "
+                                          f"--validation holdout (default: {data_lib.HOLDOUT_SIZE:,})")
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate,
                         help=f"Adam learning rate (default: {d.learning_rate})")
     parser.add_argument("--engine", choices=ENGINES, default=d.engine,
@@ -74,7 +91,7 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--pool-impl", choices=POOL_IMPLS, default="auto",
                         help="max-pool formulation: 'window' (reduce_window), 'reshape', 'auto'")
     parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
-                        help="use only the first N training and N/6 validation images "
+                        help="use only the first N training and N/6 validation and test images "
                              "(for quick checks; the study's numbers need the full sets)")
 
 
@@ -84,19 +101,23 @@ def model_config(args, base: ModelConfig) -> ModelConfig:
 
 
 def train_config(args) -> TrainConfig:
-    return TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
-                       patience=args.patience, learning_rate=args.learning_rate,
-                       engine=args.engine)
+    return TrainConfig(seed=args.seed, seeds=args.seeds, layout=args.layout, epochs=args.epochs,
+                       batch_size=args.batch_size, patience=args.patience,
+                       learning_rate=args.learning_rate, engine=args.engine)
 
 
-def load_data(args) -> data_lib.Dataset:
-    dataset = data_lib.load_mnist(args.data_dir)
-    if args.train_limit is not None:
-        n = args.train_limit
-        dataset = data_lib.Dataset(
-            train=data_lib.Arrays(*(a[:n] for a in dataset.train)),
-            test=data_lib.Arrays(*(a[:max(n // 6, 1)] for a in dataset.test)))
-    return dataset
+def load_splits(args) -> data_lib.Splits:
+    """MNIST, split under the --validation protocol (and cut to --train-limit)."""
+    return data_lib.make_splits(data_lib.load_mnist(args.data_dir), args.validation,
+                                args.holdout_size, args.train_limit)
+
+
+def check_finite(diverged: list[tuple[str, list[int]]]) -> None:
+    """After everything else is written: a run where some seed diverged is an error."""
+    bad = [f"{name} seed(s) {', '.join(map(str, seeds))}" for name, seeds in diverged if seeds]
+    if bad:
+        raise TrainingDiverged(f"training diverged (loss not finite) for {'; '.join(bad)}; "
+                               f"the other seeds' results are complete: lower --learning-rate")
 
 
 def check_out_dir(out: str | None, default_root: str) -> Path:
@@ -109,7 +130,7 @@ def check_out_dir(out: str | None, default_root: str) -> Path:
             n += 1
             path = stamp.with_name(f"{stamp.name}-{n}")
         return path
-    path = Path(out)
+    path = Path(out).expanduser()
     try:
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file, not a folder")

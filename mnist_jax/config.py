@@ -14,6 +14,7 @@ from mnist_jax.errors import ConfigError
 CONV_IMPLS = ("auto", "xla", "patches")
 POOL_IMPLS = ("auto", "window", "reshape")
 ENGINES = ("auto", "loop", "scan")
+LAYOUTS = ("auto", "vmap", "sequential")
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,17 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training protocol. Defaults: the notebook (Adam 1e-3, batch 32, 20 epochs,
-    EarlyStopping on val_accuracy with patience 5 and restore_best_weights)."""
+    EarlyStopping on val_accuracy with patience 5 and restore_best_weights), one seed.
+
+    `seeds` independent runs train together: run i uses seed `seed + i` for its
+    initialisation, dropout and shuffling. `layout` says how they share the device:
+    "vmap" (one compiled program over a seed axis), "sequential" (one after another,
+    compiled once), "auto" (the faster measured for the backend; engine.resolve_layout).
+    """
 
     seed: int = 0
+    seeds: int = 1
+    layout: str = "auto"
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -107,8 +116,15 @@ class TrainConfig:
                  f"monitor must be val_accuracy, val_loss, train_accuracy or train_loss, "
                  f"got {self.monitor!r}")
         _require(self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}")
-        _require(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        _require(self.seeds >= 1, f"seeds must be at least 1, got {self.seeds}")
+        _require(0 <= self.seed and self.seed + self.seeds <= 2**32,
+                 f"seeds {self.seed}..{self.seed + self.seeds - 1} must lie in [0, 2**32)")
+        _require(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         _require(self.resource_interval_s > 0, "resource_interval_s must be positive")
+
+    @property
+    def seed_values(self) -> tuple[int, ...]:
+        return tuple(range(self.seed, self.seed + self.seeds))
 
     @property
     def resolved_mode(self) -> str:

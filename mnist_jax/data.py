@@ -47,6 +47,76 @@ class Dataset(NamedTuple):
     test: Arrays
 
 
+VALIDATIONS = ("holdout", "test")
+HOLDOUT_SIZE = 5_000
+# The holdout's own fixed seed: the same images for every training seed and variant, and
+# independent of them (a training seed never moves an image between train and holdout).
+HOLDOUT_SEED = 20_261_125
+
+
+class Splits(NamedTuple):
+    """What a run trains on, selects epochs on, and reports on.
+
+    validation "holdout": val is a stratified holdout of the training set, train the rest,
+    test the test set (evaluated once per seed, on the restored best weights).
+    validation "test": the notebook's protocol, train on all training images and select
+    on the test set (val and test are the same images: the test figure is then optimistic).
+    """
+
+    train: Arrays
+    val: Arrays
+    test: Arrays
+    validation: str
+
+
+def stratified_holdout(labels: np.ndarray, size: int, seed: int = HOLDOUT_SEED
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (rest, holdout) indices: `size` examples with each class's share of `labels`
+    (largest remainders round the quotas to exactly `size`), drawn with `seed`."""
+    n = len(labels)
+    if not 0 < size < n:
+        raise DataError(f"a holdout of {size:,} (--holdout-size) must leave training images: "
+                        f"use 1 to {n - 1:,} of the {n:,}")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / n
+    quotas = np.floor(exact).astype(int)
+    # Hand the rounding remainder to the largest fractional parts (ties: lower class first).
+    extra = np.argsort(-(exact - quotas), kind="stable")[:size - quotas.sum()]
+    quotas[extra] += 1
+    rng = np.random.default_rng(seed)
+    holdout = np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quotas)])
+    holdout = np.sort(holdout)
+    rest = np.setdiff1d(np.arange(n), holdout, assume_unique=True)
+    return rest, holdout
+
+
+def make_splits(dataset: Dataset, validation: str = "holdout",
+                holdout_size: int = HOLDOUT_SIZE, limit: int | None = None) -> Splits:
+    """The run's splits under a validation protocol (see Splits).
+
+    `limit` (quick checks only) keeps the first `limit` training images and the first
+    limit // 6 validation and test images, after the holdout is drawn from the full set,
+    so a limited run's holdout images are still never trained on.
+    """
+    if validation not in VALIDATIONS:
+        raise DataError(f"validation must be one of {VALIDATIONS}, got {validation!r}")
+    train, test = dataset
+    if validation == "holdout":
+        rest, holdout = stratified_holdout(train.labels, holdout_size)
+        train, val = _take(train, rest), _take(train, holdout)
+    else:
+        val = test
+    if limit is not None:
+        small = max(limit // 6, 1)
+        train, val, test = _take(train, slice(limit)), _take(val, slice(small)), _take(test, slice(small))
+    return Splits(train, val, test, validation)
+
+
+def _take(arrays: Arrays, index) -> Arrays:
+    return Arrays(arrays.images[index], arrays.labels[index])
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """The offline folder: the argument, else $MNIST_JAX_DATA_DIR, else None (download)."""
     chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None

@@ -1,8 +1,10 @@
 """The compiled epoch: data resident on the device, batches gathered there, no host syncs.
 
-`make_train_epoch` returns `train_epoch(state, split) -> (state, totals)` and
-`make_evaluate` returns `evaluate(state, split) -> totals`; totals are device scalars
-(loss_sum, correct, count) that the caller divides once per epoch.
+`scan_epoch` is the pure epoch, `(state, split) -> (state, totals)`; `compile_epochs` is the
+one place where it meets jit, vmap over seeds and donation, and returns the `Epochs` that
+fit() and the benchmark run on a state with a leading seed axis. `make_train_epoch` and
+`make_evaluate` compile one seed's epoch and validation pass. Totals are device scalars
+(loss_sum, correct, count) that the host divides once per epoch.
 
 Every key derives from the state: dropout from (state.rng, step), the shuffle from
 (state.rng, epoch), with epoch = step // steps_per_epoch. A run resumed from a saved state
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import steps
+from mnist_jax.errors import ConfigError
 
 DROPOUT_STREAM = 0
 SHUFFLE_STREAM = 1
@@ -94,43 +97,57 @@ def _add(totals, metrics):
 
 
 def mean_metrics(prefix: str, totals) -> dict[str, float]:
-    """Host-side means of fetched totals: {prefix}_loss and {prefix}_accuracy."""
+    """Host-side means of one seed's fetched totals: {prefix}_loss and {prefix}_accuracy."""
     count = max(float(totals["count"]), 1.0)
     return {f"{prefix}_loss": float(totals["loss_sum"]) / count,
             f"{prefix}_accuracy": float(totals["correct"]) / count}
 
 
+def per_seed_means(prefix: str, totals) -> list[dict[str, float]]:
+    """mean_metrics for each seed of fetched totals with a leading seed axis [K]."""
+    k = len(np.asarray(totals["count"]))
+    return [mean_metrics(prefix, {key: np.asarray(v)[i] for key, v in totals.items()})
+            for i in range(k)]
+
+
+def scan_epoch(batch_size: int, train_step: Callable = steps.train_step) -> Callable:
+    """The pure epoch, `(state, split) -> (state, totals)`: one `lax.scan` over the
+    batches, no jit inside (compile_epochs or make_train_epoch compiles it)."""
+
+    def train_epoch(state, split):
+        order, mask = epoch_order(state, split.labels.shape[0], batch_size)
+
+        def body(carry, _):
+            return _run_step(train_step, *carry, split, order, mask), None
+
+        (state, totals), _ = jax.lax.scan(body, (state, zero_totals()), None,
+                                          length=order.shape[0])
+        return state, totals
+
+    return train_epoch
+
+
+def _run_step(train_step, state, totals, split, order, mask):
+    i = state.step % order.shape[0]  # the step's position within its epoch
+    batch = gather_batch(split, order[i], mask[i])
+    state, metrics = train_step(state, batch, step_key(state))
+    return state, _add(totals, metrics)
+
+
 def make_train_epoch(batch_size: int, engine: str,
                      train_step: Callable = steps.train_step) -> Callable:
-    """`train_epoch(state, split) -> (state, totals)`, compiled once per data shape.
+    """One seed's `train_epoch(state, split) -> (state, totals)`, compiled once per data
+    shape, the state donated.
 
     `train_step(state, batch, key) -> (state, metrics)` may be any step with that
     signature (another loss via functools.partial, a batch transform, ...).
     """
-
-    def run_step(state, totals, split, order, mask):
-        i = state.step % order.shape[0]  # the step's position within its epoch
-        batch = gather_batch(split, order[i], mask[i])
-        state, metrics = train_step(state, batch, step_key(state))
-        return state, _add(totals, metrics)
-
     if engine == "scan":
-        @functools.partial(jax.jit, donate_argnums=0)
-        def train_epoch(state, split):
-            order, mask = epoch_order(state, split.labels.shape[0], batch_size)
-
-            def body(carry, _):
-                return run_step(*carry, split, order, mask), None
-
-            (state, totals), _ = jax.lax.scan(body, (state, zero_totals()), None,
-                                              length=order.shape[0])
-            return state, totals
-
-        return train_epoch
+        return jax.jit(scan_epoch(batch_size, train_step), donate_argnums=0)
 
     if engine == "loop":
         order_fn = jax.jit(epoch_order, static_argnums=(1, 2))
-        step_fn = jax.jit(run_step, donate_argnums=(0, 1))
+        step_fn = jax.jit(functools.partial(_run_step, train_step), donate_argnums=(0, 1))
 
         def train_epoch(state, split):
             order, mask = order_fn(state, split.size, batch_size)
@@ -145,25 +162,138 @@ def make_train_epoch(batch_size: int, engine: str,
     raise ValueError(f"engine must be 'scan' or 'loop', got {engine!r}")
 
 
-def make_evaluate(batch_size: int, eval_step: Callable = steps.eval_step) -> Callable:
-    """`evaluate(state, split) -> totals` over every example of the split, in order."""
+def _eval_batch(eval_step, batch_size, state, totals, split, start):
+    """Totals plus one batch from `start`, and the batch's predicted classes [B]."""
+    n = split.labels.shape[0]
+    idx = start + jnp.arange(batch_size)
+    mask = (idx < n).astype(jnp.float32)
+    metrics, predictions = eval_step(state, gather_batch(split, jnp.minimum(idx, n - 1), mask))
+    return _add(totals, metrics), predictions
 
-    @jax.jit
-    def eval_batch(state, totals, split, start):
-        n = split.labels.shape[0]
-        idx = start + jnp.arange(batch_size)
-        mask = (idx < n).astype(jnp.float32)
-        batch = gather_batch(split, jnp.minimum(idx, n - 1), mask)
-        return _add(totals, eval_step(state, batch))
 
-    def evaluate(state, split):
-        totals = zero_totals()
+def _evaluate_with(eval_batch, batch_size: int) -> Callable:
+    # A Python loop of top-level calls: XLA:CPU runs its convolution ~6x slower inside a
+    # loop program, and a validation pass is only N / batch_size (5-10) calls.
+    def evaluate(state, split, totals=None):
+        totals = zero_totals() if totals is None else totals
+        predictions = []
         for start in range(0, split.size, batch_size):
-            totals = eval_batch(state, totals, split, np.int32(start))
-        return totals
+            totals, batch_predictions = eval_batch(state, totals, split, np.int32(start))
+            predictions.append(batch_predictions)
+        return totals, jnp.concatenate(predictions, axis=-1)[..., :split.size]
 
     evaluate.eval_batch = eval_batch
     return evaluate
+
+
+def make_evaluate(batch_size: int, eval_step: Callable = steps.eval_step) -> Callable:
+    """One seed's `evaluate(state, split) -> (totals, predictions [N])` over every example
+    of the split, in order."""
+    eval_batch = jax.jit(functools.partial(_eval_batch, eval_step, batch_size))
+    return _evaluate_with(eval_batch, batch_size)
+
+
+class Epochs(NamedTuple):
+    """What fit() runs on a state with a leading seed axis [K, ...], compiled once.
+
+    train(states, split, active) -> (states, totals): one epoch for the seeds where
+        `active` [K] bool is True; the others' states come back unchanged.
+    evaluate(states, split) -> (totals, predictions [K, N]) for every seed.
+    Totals are dicts of [K] device arrays (loss_sum, correct, count).
+    """
+
+    train: Callable
+    evaluate: Callable
+    engine: str
+    layout: str
+
+
+def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: str,
+                   train_step: Callable = steps.train_step,
+                   eval_step: Callable = steps.eval_step) -> Epochs:
+    """The one place where epochs meet jit, vmap and donation.
+
+    "vmap": one program over the seed axis; a stopped seed's update is discarded with
+    jnp.where (its compute is not saved). "sequential": the one-seed programs, run seed
+    after seed from Python; a stopped seed is skipped.
+    """
+    if layout == "vmap":
+        if engine != "scan":
+            raise ConfigError("the vmap layout needs the scan engine (the loop engine "
+                              "dispatches from Python); use --layout sequential")
+        epoch = scan_epoch(batch_size, train_step)
+
+        def masked_epoch(state, split, active):
+            new, totals = epoch(state, split)
+            return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), totals
+
+        train = jax.jit(jax.vmap(masked_epoch, in_axes=(0, None, 0)), donate_argnums=0)
+        eval_batch = jax.jit(jax.vmap(functools.partial(_eval_batch, eval_step, eval_batch_size),
+                                      in_axes=(0, 0, None, None)))
+        evaluate_all = _evaluate_with(eval_batch, eval_batch_size)
+
+        def evaluate(states, split):
+            return evaluate_all(states, split, _seed_axis(zero_totals(), seed_count(states)))
+
+        return Epochs(lambda states, split, active: train(states, split, jnp.asarray(active)),
+                      evaluate, engine, layout)
+
+    if layout == "sequential":
+        train_one = make_train_epoch(batch_size, engine, train_step)
+        evaluate_one = make_evaluate(eval_batch_size, eval_step)
+
+        def train(states, split, active):
+            results = [train_one(seed_slice(states, i), split) if on
+                       else (seed_slice(states, i), zero_totals())
+                       for i, on in enumerate(active)]
+            return stack_seeds([s for s, _ in results]), stack_seeds([t for _, t in results])
+
+        def evaluate(states, split):
+            results = [evaluate_one(seed_slice(states, i), split)
+                       for i in range(seed_count(states))]
+            return stack_seeds([t for t, _ in results]), jnp.stack([p for _, p in results])
+
+        train.train_one = train_one  # exposed so tests can count traces
+        return Epochs(train, evaluate, engine, layout)
+
+    raise ValueError(f"layout must be 'vmap' or 'sequential', got {layout!r}")
+
+
+@jax.jit
+def keep_best(best, states, improved):
+    """Per seed, the new state where `improved` [K] is True, else the best so far (new
+    buffers: the next epoch donates `states`)."""
+    def pick(b, s):
+        return jnp.where(improved.reshape(-1, *[1] * (s.ndim - 1)), s, b)
+    return jax.tree.map(pick, best, states)
+
+
+def seed_count(states) -> int:
+    return int(jax.tree.leaves(states)[0].shape[0])
+
+
+def seed_slice(states, i: int):
+    """Seed i's state, out of a state with a leading seed axis."""
+    return jax.tree.map(lambda x: x[i], states)
+
+
+def stack_seeds(states: list):
+    """One state with a leading seed axis, from one state per seed."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _seed_axis(tree, k: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), tree)
+
+
+def resolve_layout(layout: str, engine: str, backend: str | None = None) -> str:
+    """ "auto": the seed layout measured faster for the backend (benchmarks/epoch_speed.py
+    --seeds). XLA:CPU runs per-seed (batched) convolutions and matmuls under vmap 1.6-2.3x
+    slower than the same seeds one after another; the loop engine cannot be vmapped."""
+    if layout != "auto":
+        return layout
+    backend = backend or jax.default_backend()
+    return "vmap" if backend != "cpu" and engine == "scan" else "sequential"
 
 
 def resolve_engine(engine: str, conv_impl: str, backend: str | None = None) -> str:

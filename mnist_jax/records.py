@@ -17,7 +17,6 @@ from mnist_jax.errors import UserError
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.json"
-CHECKPOINT_DIR = "checkpoints/best"
 
 
 def claim_run_dir(path: str | os.PathLike) -> Path:

@@ -1,210 +1,356 @@
-"""Summaries, tables and the figure of a study, read from the files its runs wrote
-(config.json, history.csv, result.json). Never imports the training code, so a report
-can be redrawn without retraining:
+"""A study's summary, statistics and figures, read from the files its runs wrote
+(config.json, history.csv, result.json, test_predictions.npz). Never imports the training
+code or JAX, so a report can be redrawn without retraining:
 
     python -m mnist_jax.report runs/depth_study/<date-time>
+
+The first run is the reference; every other run is compared with it over seeds: on test
+accuracy of the restored weights under the holdout protocol, on best validation accuracy
+under the notebook's protocol (where test accuracy is the same selected number).
 """
 
 from __future__ import annotations
 
-import io
 import statistics
 import sys
 from pathlib import Path
 
-from mnist_jax import cli, records
+import numpy as np
+
+from mnist_jax import cli, plots, records, stats
 from mnist_jax.errors import UserError
 
 # The Keras notebook's single run, quoted for comparison (not measured here).
 NOTEBOOK = {
-    (32, 32): {"best_val_accuracy": 0.9930, "best_epoch": 16, "min_val_loss": 0.025,
-               "stopped_epoch": None},
-    (32, 32, 64): {"best_val_accuracy": 0.9894, "best_epoch": 11, "min_val_loss": 0.042,
-                   "stopped_epoch": 16},
+    (32, 32): {"best_val_accuracy": 0.9930, "best_epoch": 16, "stopped_epoch": None},
+    (32, 32, 64): {"best_val_accuracy": 0.9894, "best_epoch": 11, "stopped_epoch": 16},
 }
 NOTEBOOK_EPOCH_S = 11.6  # on a 16 GB GPU
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-CURVES_PNG = "curves.png"
+PREDICTIONS_FILE = "test_predictions.npz"  # written by recorder.py
+FIGURES = {"curves": "curves.png", "confusion": "confusion.png",
+           "misclassified": "misclassified.png", "resources": "resources.png"}
+RESOURCES = ("cpu_percent", "process_cpu_percent", "rss_mb", "ram_used_mb",
+             "gpu_util_percent", "vram_used_mb")
+PROTOCOLS = {
+    "holdout": "epochs selected (early stopping, best weights) on a fixed stratified holdout of "
+               "the training set; the test set evaluated once per seed on the restored weights",
+    "test": "the notebook's protocol: epochs selected on the test set, so the reported "
+            "accuracy is the selected maximum and optimistic",
+}
 
 
-def summarize_run(run_dir: str | Path) -> dict:
-    """One run's figures from its files."""
+def read_run(run_dir: str | Path) -> dict:
+    """One run's files: config, history rows, result, test predictions."""
     run_dir = Path(run_dir)
-    try:
-        config = records.read_json(run_dir / records.CONFIG_FILE)
-        history = records.read_history(run_dir / records.HISTORY_FILE)
-        result = records.read_json(run_dir / records.RESULT_FILE)
-    except FileNotFoundError as e:
-        raise UserError(f"{run_dir} is not a finished run: {Path(e.filename).name} is missing"
-                        ) from None
-    except ValueError as e:  # a damaged JSON or CSV file
-        raise UserError(f"{run_dir} has a damaged file: {e}") from None
-    if not history:
+    readers = {"config": (records.CONFIG_FILE, records.read_json),
+               "history": (records.HISTORY_FILE, records.read_history),
+               "result": (records.RESULT_FILE, records.read_json),
+               "predictions": (PREDICTIONS_FILE, _read_npz)}
+    run = {"dir": run_dir}
+    for key, (name, read) in readers.items():
+        path = run_dir / name
+        if not path.is_file():
+            raise UserError(f"{run_dir} is not a finished run: {name} is missing")
+        try:
+            run[key] = read(path)
+        except (ValueError, OSError, EOFError) as e:  # damaged JSON, CSV or npz
+            raise UserError(f"{path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            ) from None
+    if not run["history"]:
         raise UserError(f"{run_dir / records.HISTORY_FILE} has no epochs")
+    return run
+
+
+def _read_npz(path: Path) -> dict:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def summarize_run(run: dict) -> dict:
+    """One run's per-seed figures, their statistics, and its cost."""
     try:
-        return _summary(run_dir, config, history, result)
+        return _summary(run)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise UserError(f"{run_dir}: its files do not hold a run of this version "
+        raise UserError(f"{run['dir']}: its files do not hold a run of this version "
                         f"({type(e).__name__}: {e})") from None
 
 
-def _summary(run_dir: Path, config: dict, history: list[dict], result: dict) -> dict:
-    val_acc = [row["val_accuracy"] for row in history]
-    val_loss = [row["val_loss"] for row in history]
-    times = [row["epoch_time_s"] for row in history]
-    best_acc_i = val_acc.index(max(val_acc))  # first best, as Keras' strict improvement
-    min_loss_i = val_loss.index(min(val_loss))
+def _summary(run: dict) -> dict:
+    config, history, result = run["config"], run["history"], run["result"]
+    per_seed = []
+    for seed in result["seeds"]:
+        rows = [r for r in history if r["seed"] == seed["seed"]]
+        val_acc = [r["val_accuracy"] for r in rows]
+        val_loss = [r["val_loss"] for r in rows]
+        best = val_acc.index(max(val_acc))  # the first best, as Keras' strict improvement
+        per_seed.append({
+            "seed": seed["seed"],
+            "best_val_accuracy": val_acc[best],
+            "best_val_accuracy_epoch": rows[best]["epoch"],
+            "min_val_loss": min(val_loss),
+            "best_epoch": seed["best_epoch"],
+            "stopped_epoch": seed["stopped_epoch"],
+            "epochs_run": seed["epochs_run"],
+            "diverged_epoch": seed["diverged_epoch"],
+            "test_accuracy": seed["test_accuracy"],
+            "test_loss": seed["test_loss"],
+        })
+    epochs = _epoch_rows(history)
+    times = [r["epoch_time_s"] for r in epochs]
+    n_test = config["data"]["test_examples"]
     summary = {
         "name": result["name"],
-        "run_dir": run_dir.name,
+        "run_dir": run["dir"].name,
         "conv_features": config["model"]["conv_features"],
         "num_params": config["num_params"],
-        "train_examples": config["data"]["train_examples"],
-        "val_examples": config["data"]["val_examples"],
-        "best_val_accuracy": val_acc[best_acc_i],
-        "best_val_accuracy_epoch": history[best_acc_i]["epoch"],
-        "min_val_loss": val_loss[min_loss_i],
-        "min_val_loss_epoch": history[min_loss_i]["epoch"],
+        "forward_flops_per_image": config.get("forward_flops_per_image"),
+        "validation": result["validation"],
         "monitor": result["monitor"],
-        "best_epoch": result["best_epoch"],
-        "epochs_run": len(history),
-        "stopped_epoch": result["stopped_epoch"],
+        **{f"{k}": config["data"][k] for k in ("train_examples", "val_examples", "test_examples")},
+        "seeds": [s["seed"] for s in per_seed],
+        "per_seed": per_seed,
+        **{key: stats.describe([s[key] for s in per_seed])
+           for key in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs_run")},
+        "epochs": len(epochs),
         "first_epoch_s": times[0],
-        # Epoch 1 includes compilation; the steady state is the later epochs.
+        # Epoch 1 includes compilation; the steady state is the later epochs. An epoch's
+        # time covers every seed trained in it.
         "mean_epoch_s": statistics.fmean(times[1:] if len(times) > 1 else times),
         "backend": config["backend"],
         "device": ((config.get("host") or {}).get("cpu_model") or "CPU"
                    if config["backend"] == "cpu" else config["devices"][0]),
         "engine": config["train"]["engine"],
-        "seed": config["train"]["seed"],
+        "layout": config["train"]["layout"],
     }
-    for key in ("cpu_percent", "process_cpu_percent", "rss_mb", "ram_used_mb",
-                "gpu_util_percent", "vram_used_mb"):
-        means = [row[f"{key}_mean"] for row in history if row.get(f"{key}_mean") is not None]
-        peaks = [row[f"{key}_peak"] for row in history if row.get(f"{key}_peak") is not None]
+    mean_test = summary["test_accuracy"]["mean"]
+    summary["test_accuracy_se_one_seed"] = stats.binomial_se(mean_test, n_test)
+    for key in RESOURCES:
+        means = [r[f"{key}_mean"] for r in epochs if r.get(f"{key}_mean") is not None]
         if means:
             summary[f"{key}_mean"] = statistics.fmean(means)
-            summary[f"{key}_peak"] = max(peaks)
-    totals = [row["vram_total_mb"] for row in history if row.get("vram_total_mb") is not None]
+            summary[f"{key}_peak"] = max(r[f"{key}_peak"] for r in epochs
+                                         if r.get(f"{key}_peak") is not None)
+    totals = [r["vram_total_mb"] for r in epochs if r.get("vram_total_mb") is not None]
     if totals:
         summary["vram_total_mb"] = max(totals)
     return summary
 
 
+def _epoch_rows(history: list[dict]) -> list[dict]:
+    """One row per epoch (the first seed's): the time and resource columns are shared."""
+    seen, rows = set(), []
+    for row in history:
+        if row["epoch"] not in seen:
+            seen.add(row["epoch"])
+            rows.append(row)
+    return rows
+
+
+def compare(a: dict, b: dict) -> dict:
+    """b against the reference a, on the metric the protocol allows, with the sentence."""
+    metric = "test_accuracy" if a["validation"] == "holdout" else "best_val_accuracy"
+    x, y = a[metric]["values"], b[metric]["values"]
+    out = {"reference": a["name"], "variant": b["name"], "metric": metric,
+           "seeds": [len(x), len(y)], "welch": stats.welch(x, y)}
+    if out["welch"] is not None:
+        sds = [s for s in (a[metric]["sd"], b[metric]["sd"])]
+        sd = (sum(s * s for s in sds) / 2) ** 0.5
+        n = min(len(x), len(y))
+        mdd = stats.min_detectable_difference(sd, n)
+        out.update(pooled_sd=sd, min_detectable_difference=mdd,
+                   seeds_for_half_that=stats.seeds_needed(mdd / 2, sd) if mdd else None)
+    out["sentence"] = sentence(out, a, b)
+    return out
+
+
+METRIC_WORDS = {"test_accuracy": "test accuracy",
+                "best_val_accuracy": "best validation accuracy (on the test set)"}
+
+
+def sentence(cmp: dict, a: dict, b: dict) -> str:
+    """The comparison in one plain sentence."""
+    words = METRIC_WORDS[cmp["metric"]]
+    diff = 100 * (b[cmp["metric"]]["mean"] - a[cmp["metric"]]["mean"])
+    direction = "lower" if diff < 0 else "higher"
+    w = cmp["welch"]
+    n_a, n_b = cmp["seeds"]
+    if w is None:
+        return (f"With {min(n_a, n_b)} seed per variant there is no spread to test against: "
+                f"{b['name']}'s {words} is {abs(diff):.2f} points {direction} than "
+                f"{a['name']}'s in this one run, the size of the seed-to-seed spread; "
+                f"run --seeds 3 or more for an interval and a test.")
+    seeds = f"{n_a} seeds each" if n_a == n_b else f"{n_a} and {n_b} seeds"
+    lo, hi = 100 * w["ci_low"], 100 * w["ci_high"]
+    p = w["p_value"]
+    if not np.isfinite(p):
+        return (f"Over {seeds}, {b['name']}'s {words} is {abs(diff):.2f} points {direction} "
+                f"than {a['name']}'s, with no spread between seeds: no test is possible.")
+    if lo > 0:
+        verdict = f"{b['name']} does better than {a['name']} here"
+    elif hi < 0:
+        verdict = f"{b['name']} does worse than {a['name']} here"
+    else:
+        mdd = cmp.get("min_detectable_difference")
+        verdict = ("no difference can be claimed" + (
+            f" (these seeds detect about {100 * mdd:.2f} points or more)" if mdd else ""))
+    return (f"Over {seeds}, {b['name']}'s {words} is {abs(diff):.2f} points {direction} than "
+            f"{a['name']}'s (95% CI {lo:+.2f} to {hi:+.2f}; Welch's t-test p = {p:.2g}): "
+            f"{verdict}.")
+
+
+def build_summary(runs: list[dict]) -> dict:
+    variants = [summarize_run(run) for run in runs]
+    protocols = {v["validation"] for v in variants}
+    if len(protocols) > 1:
+        raise UserError(f"the runs mix validation protocols {sorted(protocols)}: "
+                        f"they cannot be compared")
+    validation = protocols.pop()
+    comparisons = [compare(variants[0], v) for v in variants[1:]]
+    return {"validation": validation, "protocol": PROTOCOLS[validation],
+            "variants": variants, "comparisons": comparisons,
+            "sentence": " ".join(c["sentence"] for c in comparisons)}
+
+
+def _pct(d: dict) -> str:
+    """mean ± sd [95% CI] of a described fraction, in percent."""
+    if d["sd"] is None:
+        return f"{100 * d['mean']:.2f}%"
+    return (f"{100 * d['mean']:.2f} ± {100 * d['sd']:.2f}% "
+            f"[{100 * d['ci_low']:.2f}, {100 * d['ci_high']:.2f}]")
+
+
+def _num(d: dict) -> str:
+    return f"{d['mean']:.1f}" + (f" ± {d['sd']:.1f}" if d["sd"] is not None else "")
+
+
 def format_table(summary: dict) -> str:
-    """A markdown table of the runs beside the notebook's numbers."""
+    """Per variant: accuracies over seeds (mean ± sd [95% CI]), epochs and cost, beside
+    the notebook's single run."""
     lines = [
-        "| model | params | best val acc (epoch) | min val loss (epoch) | epochs run | "
-        "early stop | mean epoch s | CPU % mean | RSS MB peak | GPU % mean | VRAM MB peak |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | params | MFLOP/image | seeds | test acc | best val acc | best epoch | "
+        "epochs run | s/epoch | CPU % | RSS MB peak | GPU % | VRAM MB peak |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for run in summary["runs"]:
-        gpu = (f"{run['gpu_util_percent_mean']:.0f}" if "gpu_util_percent_mean" in run else "n/a")
-        vram = (f"{run['vram_used_mb_peak']:,.0f} / {run['vram_total_mb']:,.0f}"
-                if "vram_used_mb_peak" in run else "n/a")
+    for v in summary["variants"]:
+        flops = v.get("forward_flops_per_image")
+        gpu = f"{v['gpu_util_percent_mean']:.0f}" if "gpu_util_percent_mean" in v else "n/a"
+        vram = (f"{v['vram_used_mb_peak']:,.0f} / {v['vram_total_mb']:,.0f}"
+                if "vram_used_mb_peak" in v else "n/a")
         lines.append(
-            f"| {run['name']} | {run['num_params']:,} | "
-            f"{100 * run['best_val_accuracy']:.2f}% ({run['best_val_accuracy_epoch']}) | "
-            f"{run['min_val_loss']:.4f} ({run['min_val_loss_epoch']}) | {run['epochs_run']} | "
-            f"{run['stopped_epoch'] or '-'} | {run['mean_epoch_s']:.1f} | "
-            f"{run['cpu_percent_mean']:.0f} | {run['rss_mb_peak']:,.0f} | {gpu} | {vram} |")
-    for run in summary["runs"]:
-        ref = NOTEBOOK.get(tuple(run["conv_features"]))
+            f"| {v['name']} | {v['num_params']:,} | "
+            f"{f'{flops / 1e6:.2f}' if flops else 'n/a'} | {len(v['seeds'])} | "
+            f"{_pct(v['test_accuracy'])} | {_pct(v['best_val_accuracy'])} | "
+            f"{_num(v['best_epoch'])} | {_num(v['epochs_run'])} | {v['mean_epoch_s']:.1f} | "
+            f"{v['cpu_percent_mean']:.0f} | {v['rss_mb_peak']:,.0f} | {gpu} | {vram} |")
+    for v in summary["variants"]:
+        ref = NOTEBOOK.get(tuple(v["conv_features"]))
         if ref is not None:
             lines.append(
-                f"| notebook {run['name']} (Keras, 1 run) | {run['num_params']:,} | "
-                f"{100 * ref['best_val_accuracy']:.2f}% ({ref['best_epoch']}) | "
-                f"~{ref['min_val_loss']:.3f} | {ref['stopped_epoch'] or 20} | "
-                f"{ref['stopped_epoch'] or '-'} | {NOTEBOOK_EPOCH_S} (16 GB GPU) | | | | |")
+                f"| notebook {v['name']} (Keras, 1 run, selected on test) | {v['num_params']:,} | "
+                f" | 1 | | {100 * ref['best_val_accuracy']:.2f}% | {ref['best_epoch']} | "
+                f"{ref['stopped_epoch'] or 20} | {NOTEBOOK_EPOCH_S} (16 GB GPU) | | | | |")
     return "\n".join(lines)
 
 
+def format_seeds(summary: dict) -> str:
+    """Every seed's figures."""
+    lines = ["| model | seed | test acc | best val acc (epoch) | min val loss | stopped | "
+             "epochs run |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for v in summary["variants"]:
+        for s in v["per_seed"]:
+            stop = ("diverged at " + str(s["diverged_epoch"]) if s["diverged_epoch"]
+                    else s["stopped_epoch"] or "-")
+            lines.append(f"| {v['name']} | {s['seed']} | {100 * s['test_accuracy']:.2f}% | "
+                         f"{100 * s['best_val_accuracy']:.2f}% ({s['best_val_accuracy_epoch']}) | "
+                         f"{s['min_val_loss']:.4f} | {stop} | {s['epochs_run']} |")
+    return "\n".join(lines)
+
+
+def format_statistics(summary: dict) -> str:
+    lines = []
+    for v in summary["variants"]:
+        lines.append(f"- {v['name']}: one seed's test accuracy, measured on "
+                     f"{v['test_examples']:,} images, has a standard error of "
+                     f"{100 * v['test_accuracy_se_one_seed']:.2f} points (binomial).")
+    for c in summary["comparisons"]:
+        w = c["welch"]
+        if w is None:
+            continue
+        d = f"{w['cohens_d']:.2f}" if w["cohens_d"] is not None else "n/a"
+        lines.append(
+            f"- {c['variant']} - {c['reference']} ({METRIC_WORDS[c['metric']]}): "
+            f"{100 * w['difference']:+.2f} points, 95% CI {100 * w['ci_low']:+.2f} to "
+            f"{100 * w['ci_high']:+.2f}; {w['test']}: t = {w['t']:.2f}, df = {w['df']:.1f}, "
+            f"p = {w['p_value']:.2g}; Cohen's d = {d} (average-variance sd).")
+        if c.get("min_detectable_difference"):
+            half = c["seeds_for_half_that"]
+            lines.append(
+                f"- With {min(c['seeds'])} seeds and the observed spread (sd "
+                f"{100 * c['pooled_sd']:.2f} points), the smallest difference detectable with "
+                f"80% power at the 5% level is {100 * c['min_detectable_difference']:.2f} "
+                f"points; half that needs {half if half else 'more than 100,000'} seeds per "
+                f"variant (noncentral t).")
+    return "\n".join(lines)
+
+
+def format_text(summary: dict) -> str:
+    """What the command line prints: the table and the sentence."""
+    return "\n".join([format_table(summary), "", summary["sentence"]])
+
+
 def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
-    """summary.json, summary.md and curves.png in `out_dir`, for the given runs."""
+    """summary.json, summary.md and the figures in `out_dir`, for the given runs."""
     out_dir = Path(out_dir)
-    runs = [summarize_run(d) for d in run_dirs]
-    summary = {"runs": runs}
+    runs = [read_run(d) for d in run_dirs]
+    summary = build_summary(runs)
     try:
-        table = format_table(summary)
+        text = [format_table(summary), format_seeds(summary), format_statistics(summary)]
     except (KeyError, TypeError, ValueError) as e:  # a history without resource columns
         raise UserError(f"{out_dir}: a run's summary lacks {e}") from None
-    records.write_json(out_dir / SUMMARY_JSON, summary)
-    device = runs[0]["device"]
+    v0 = summary["variants"][0]
     md = [
         "# MNIST: does a third convolution help?", "",
-        f"Measured on {device}, JAX backend {runs[0]['backend']}, seed {runs[0]['seed']}, "
-        f"engine {runs[0]['engine']}. {runs[0]['train_examples']:,} training images; "
-        + ("validation on the 10,000 test images, as in the notebook. "
-           if runs[0]["val_examples"] == 10_000 else
-           f"validation on {runs[0]['val_examples']:,} test images (the notebook used all "
-           f"10,000). ")
-        + "Epoch 1 (with compilation) "
-        "is left out of the mean epoch time. One seed per model: see the Keras spread over "
-        "seeds before reading a difference.", "",
-        table, "",
-        f"![validation curves]({CURVES_PNG})", "",
+        f"**{summary['sentence']}**", "",
+        f"Protocol: {summary['protocol']}. {v0['train_examples']:,} training, "
+        f"{v0['val_examples']:,} validation and {v0['test_examples']:,} test images. "
+        f"Measured on {v0['device']} (JAX backend {v0['backend']}, engine {v0['engine']}, "
+        f"seeds {v0['layout']}). Accuracies: mean ± sd over seeds [95% t-interval]. "
+        f"s/epoch: all seeds of the epoch together, epoch 1 (with compilation) left out.", "",
+        text[0], "", "## Every seed", "", text[1], "", "## Statistics", "", text[2], "",
+        *[f"![{name}]({file})" for name, file in FIGURES.items()], "",
     ]
+    records.write_json(out_dir / SUMMARY_JSON, summary)
     records.atomic_write_text(out_dir / SUMMARY_MD, "\n".join(md))
-    plot_curves(out_dir / CURVES_PNG, run_dirs)
+    for name, file in FIGURES.items():
+        plots.save(getattr(plots, name)(runs), out_dir / file)
     return summary
 
 
-def plot_curves(path: str | Path, run_dirs: list[str | Path]) -> None:
-    """Validation accuracy and loss per epoch for each run (the notebook's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for run_dir in run_dirs:
-        history = records.read_history(Path(run_dir) / records.HISTORY_FILE)
-        result = records.read_json(Path(run_dir) / records.RESULT_FILE)
-        epochs = [row["epoch"] for row in history]
-        for ax, key in ((ax_acc, "val_accuracy"), (ax_loss, "val_loss")):
-            values = [row[key] for row in history]
-            (line,) = ax.plot(epochs, values, marker="o", markersize=4, label=result["name"])
-            best = result.get("best_epoch")
-            if best in epochs:  # the restored (and checkpointed) epoch
-                ax.plot(best, values[epochs.index(best)], marker="*", markersize=14,
-                        color=line.get_color(), markeredgecolor="black", linestyle="none")
-    ax_acc.set(title="Validation accuracy (* best epoch, restored)", xlabel="epoch",
-               ylabel="accuracy")
-    ax_loss.set(title="Validation loss", xlabel="epoch", ylabel="cross-entropy")
-    for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    records.atomic_write_bytes(path, buffer.getvalue())
-
-
 def find_runs(study_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in study_dir.glob(f"*/{records.RESULT_FILE}"))
+    """The runs of a study folder: its subfolders that a run started in (config.json)."""
+    return sorted(p.parent for p in study_dir.glob(f"*/{records.CONFIG_FILE}"))
 
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(
         prog="python -m mnist_jax.report",
-        description="Rewrite summary.json, summary.md and curves.png of a study folder "
-                    "from its runs' files, without retraining.")
-    parser.add_argument("study_dir", help="a folder whose subfolders are runs")
+        description="Rewrite a study folder's summary.json, summary.md and figures from its "
+                    "runs' files, without retraining.")
+    parser.add_argument("study_dir", help="a study folder (whose subfolders are runs) or a run")
     args = parser.parse_args(argv)
-    study_dir = Path(args.study_dir)
+    study_dir = Path(args.study_dir).expanduser()
 
     def run():
-        runs = find_runs(study_dir) or ([study_dir] if (study_dir / records.RESULT_FILE).exists()
+        if not study_dir.is_dir():
+            raise UserError(f"{study_dir} is not a folder")
+        runs = find_runs(study_dir) or ([study_dir] if (study_dir / records.CONFIG_FILE).exists()
                                         else [])
         if not runs:
-            raise UserError(f"{study_dir} holds no finished run")
-        print(format_table(write_study_report(study_dir, runs)))
+            raise UserError(f"{study_dir} holds no run")
+        print(format_text(write_study_report(study_dir, runs)))
 
     return cli.run_main(run)
 

@@ -110,12 +110,14 @@ def train_step(state: TrainState, batch: Batch, key, *,
 
 
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = cross_entropy,
-              apply_fn=None) -> Metrics:
-    """Loss sum, correct count and example count over the batch's real examples.
+              apply_fn=None) -> tuple[Metrics, jax.Array]:
+    """Loss sum, correct count and example count over the batch's real examples, and the
+    predicted class of every example [B] (for confusion matrices).
 
     `apply_fn` (default: the state's) may be another formulation of the same model, one
     that runs faster without gradients.
     """
     apply_fn = apply_fn or state.apply_fn
     logits = apply_fn({"params": state.params}, normalize(batch["image"]), train=False)
-    return _summed_metrics(logits, batch["label"], loss_fn(logits, batch["label"]), batch["mask"])
+    metrics = _summed_metrics(logits, batch["label"], loss_fn(logits, batch["label"]), batch["mask"])
+    return metrics, jnp.argmax(logits, -1).astype(jnp.int32)

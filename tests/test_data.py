@@ -95,3 +95,40 @@ def test_synthetic_source_shapes_and_determinism():
     assert a.train.images.shape == (100, 28, 28, 1) and a.train.images.dtype == np.uint8
     assert a.test.labels.shape == (50,) and a.test.labels.dtype == np.int32
     np.testing.assert_array_equal(a.train.images, b.train.images)
+
+
+@pytest.mark.mnist
+def test_the_holdout_is_stratified_disjoint_and_fixed(mnist):
+    splits = data.make_splits(mnist, "holdout")
+    rest, holdout = data.stratified_holdout(mnist.train.labels, 5_000)
+    # Each class's share of 5,000 (count / 12), floors 4,994 in all; the 6 largest
+    # remainders (classes 3, 1, 4, 5, 9, then 0 before 8 on a tie) get one more.
+    assert np.bincount(splits.val.labels).tolist() == [494, 562, 496, 511, 487, 452, 493, 522, 487, 496]
+    assert len(splits.train.labels) == 55_000 and len(splits.val.labels) == 5_000
+    assert not set(rest) & set(holdout) and len(set(rest) | set(holdout)) == 60_000
+    np.testing.assert_array_equal(splits.val.images, mnist.train.images[holdout])
+    np.testing.assert_array_equal(splits.train.labels, mnist.train.labels[rest])
+    # The same images every time: the split depends on no training seed or variant.
+    again = data.make_splits(mnist, "holdout")
+    np.testing.assert_array_equal(again.val.images, splits.val.images)
+    assert splits.test.labels.tolist()[:5] == [7, 2, 1, 0, 4] and len(splits.test.labels) == 10_000
+
+
+def test_a_limited_holdout_run_never_trains_on_its_validation_images(tiny):
+    full = data.make_splits(tiny, "holdout", holdout_size=100)
+    limited = data.make_splits(tiny, "holdout", holdout_size=100, limit=120)
+    assert len(limited.train.labels) == 120 and len(limited.val.labels) == 20
+    train_rows = {row.tobytes() for row in limited.train.images}
+    assert not any(row.tobytes() in train_rows for row in full.val.images)
+    np.testing.assert_array_equal(limited.val.images, full.val.images[:20])
+
+
+def test_the_notebook_protocol_validates_on_the_test_set(tiny):
+    splits = data.make_splits(tiny, "test")
+    assert splits.validation == "test" and splits.val is splits.test
+    assert len(splits.train.labels) == 500
+
+
+def test_a_holdout_larger_than_the_training_set_is_refused(tiny):
+    with pytest.raises(data.DataError, match="holdout of 500"):
+        data.make_splits(tiny, "holdout", holdout_size=500)

@@ -61,7 +61,9 @@ def test_auto_formulation_depends_on_backend():
 
     cfg = ModelConfig()
     assert (resolve_impls(cfg, "cpu").conv_impl, resolve_impls(cfg, "cpu").pool_impl) == ("patches", "reshape")
-    assert resolve_impls(cfg, "gpu").conv_impl == "xla"
+    # Measured on an H100: shifted slices and reshape pooling beat cuDNN in the scanned epoch.
+    assert (resolve_impls(cfg, "gpu").conv_impl, resolve_impls(cfg, "gpu").pool_impl) == ("patches", "reshape")
+    assert resolve_impls(cfg, "gpu", purpose="eval").conv_impl == "patches"
     assert resolve_impls(dataclasses.replace(cfg, conv_impl="xla"), "cpu").conv_impl == "xla"
 
 

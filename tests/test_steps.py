@@ -27,7 +27,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny):
     batch = _batch(tiny)
 
     def loss(state):
-        totals = steps.eval_step(state, batch)
+        totals, _ = steps.eval_step(state, batch)
         return float(totals["loss_sum"] / totals["count"])
 
     before = loss(state)
@@ -60,12 +60,14 @@ def test_padded_examples_do_not_change_the_update(tiny):
 def test_evaluate_counts_every_example_once(tiny):
     _, state = init_state(SMALL, TrainConfig(seed=0))
     split = engine.to_device(*tiny.test)  # 200 examples, eval batch 64: last batch padded
-    totals = jax.device_get(engine.make_evaluate(64)(state, split))
-    assert totals["count"] == 200
-    # The same sums as one batch holding everything.
+    totals, predictions = jax.device_get(engine.make_evaluate(64)(state, split))
+    assert totals["count"] == 200 and predictions.shape == (200,)
+    # The same sums and predictions as one batch holding everything.
     whole = {"image": split.images, "label": split.labels, "mask": jnp.ones((200,), jnp.float32)}
-    reference = jax.device_get(steps.eval_step(state, whole))
+    reference, whole_predictions = jax.device_get(steps.eval_step(state, whole))
     assert totals["correct"] == reference["correct"]
+    np.testing.assert_array_equal(predictions, whole_predictions)
+    assert totals["correct"] == np.sum(predictions == tiny.test.labels)
     np.testing.assert_allclose(totals["loss_sum"], reference["loss_sum"], rtol=1e-5)
 
 

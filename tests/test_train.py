@@ -10,8 +10,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from mnist_jax import records, report
+from mnist_jax import data, records, report
 from mnist_jax.checkpointing import restore_state
+from mnist_jax.recorder import seed_checkpoint_dir
 from mnist_jax.config import ModelConfig, TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.train import fit
@@ -21,64 +22,83 @@ from conftest import REPO
 SMALL = ModelConfig(conv_features=(8, 8), dense_features=(32,), dropout_rate=0.1)
 
 
-def test_fit_writes_the_run_and_restores_the_best_weights(tiny, tmp_path):
+@pytest.fixture
+def splits(tiny):
+    """The notebook's protocol on the synthetic data: 500 train, 200 val = test."""
+    return data.make_splits(tiny, "test")
+
+
+def test_fit_writes_the_run_and_restores_the_best_weights(splits, tmp_path):
     lines = []
-    result = fit(SMALL, TrainConfig(epochs=4, patience=1, seed=0), tiny, tmp_path / "run",
+    result = fit(SMALL, TrainConfig(epochs=4, patience=1, seed=0), splits, tmp_path / "run",
                  name="small", log=lines.append)
+    es = result.seeds[0].early_stopping
     history = records.read_history(tmp_path / "run" / records.HISTORY_FILE)
-    assert len(history) == len(result.history) == (result.early_stopping.stopped_epoch or 4)
+    assert len(history) == len(result.history) == (es.stopped_epoch or 4)
     for row in history:
         assert 0.0 <= row["val_accuracy"] <= 1.0 and row["epoch_time_s"] > 0
         assert row["rss_mb_peak"] > 0 and row["resource_samples"] >= 1
     assert history[-1]["val_accuracy"] > 0.5  # the synthetic classes are learnable
-    best = result.early_stopping.best_epoch
+    best = es.best_epoch
     assert [r["epoch"] for r in history if r["improved"]][-1] == best
-    saved = [p.name for p in (tmp_path / "run" / "checkpoints" / "best").iterdir() if p.name.isdigit()]
-    assert saved == [str(best)]
-    restored = restore_state(tmp_path / "run" / "checkpoints" / "best", best, result.state)
-    for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(restored.params)):
+    checkpoints = tmp_path / "run" / seed_checkpoint_dir(0)
+    assert [p.name for p in checkpoints.iterdir() if p.name.isdigit()] == [str(best)]
+    state = jax.tree.map(lambda x: x[0], result.states)  # the one seed's restored state
+    restored = restore_state(checkpoints, best, state)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
         np.testing.assert_array_equal(a, b)
     config = json.loads((tmp_path / "run" / records.CONFIG_FILE).read_text())
     assert config["num_params"] == result.num_params and config["train"]["engine"] == "scan"
+    assert config["data"] == {"validation": "test", "train_examples": 500,
+                              "val_examples": 200, "test_examples": 200}
     assert sum("epoch" in line and "val_acc" in line for line in lines) == len(history)
+    # The test figure is the restored weights' on the test split (here = the val split).
+    saved = json.loads((tmp_path / "run" / records.RESULT_FILE).read_text())["seeds"][0]
+    assert saved["test_accuracy"] == history[best - 1]["val_accuracy"]
 
 
-def test_fit_stops_early_by_keras_rules_and_restores_the_best_epoch(tiny, tmp_path):
+def test_fit_stops_early_by_keras_rules_and_restores_the_best_epoch(splits, tmp_path):
     """patience 0: training stops at the first epoch that does not strictly improve, and
     the returned state is the best epoch's (its step counter says which)."""
     result = fit(SMALL, TrainConfig(epochs=30, patience=0, seed=0, learning_rate=3e-2),
-                 tiny, tmp_path, log=lambda line: None)
-    es = result.early_stopping
+                 splits, tmp_path, log=lambda line: None)
+    es = result.seeds[0].early_stopping
     accuracies = [row["val_accuracy"] for row in result.history]
     assert es.should_stop and len(accuracies) == es.stopped_epoch < 30
     assert all(b > a for a, b in zip(accuracies[:-2], accuracies[1:-1]))  # improving...
     assert accuracies[-1] <= accuracies[-2]  # ...until the stop epoch
     assert es.best_epoch == es.stopped_epoch - 1
-    assert int(result.state.step) == es.best_epoch * 16  # 16 steps per epoch, not the last
-    saved = restore_state(tmp_path / "checkpoints" / "best", es.best_epoch, result.state)
-    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(saved)):
+    state = jax.tree.map(lambda x: x[0], result.states)
+    assert int(state.step) == es.best_epoch * 16  # 16 steps per epoch, not the last
+    saved = restore_state(tmp_path / seed_checkpoint_dir(0), es.best_epoch, state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(a, b)
 
 
-def test_fit_refuses_a_used_run_folder(tiny, tmp_path):
+def test_fit_refuses_a_used_run_folder(splits, tmp_path):
     (tmp_path / "history.csv").write_text("epoch\n1\n")
     with pytest.raises(UserError, match="already holds files"):
-        fit(SMALL, TrainConfig(epochs=1), tiny, tmp_path, log=lambda line: None)
+        fit(SMALL, TrainConfig(epochs=1), splits, tmp_path, log=lambda line: None)
     assert (tmp_path / "history.csv").read_text() == "epoch\n1\n"
 
 
-def test_report_from_files(tiny, tmp_path):
+def test_report_from_files(splits, tmp_path):
     for name, conv in (("a", (8, 8)), ("b", (8, 8, 8))):
-        fit(ModelConfig(conv_features=conv, dense_features=(16,)), TrainConfig(epochs=2),
-            tiny, tmp_path / name, name=name, log=lambda line: None)
+        fit(ModelConfig(conv_features=conv, dense_features=(16,)), TrainConfig(epochs=2, seeds=2),
+            splits, tmp_path / name, name=name, log=lambda line: None)
     summary = report.write_study_report(tmp_path, [tmp_path / "a", tmp_path / "b"])
-    names = [run["name"] for run in summary["runs"]]
-    assert names == ["a", "b"]
+    assert [v["name"] for v in summary["variants"]] == ["a", "b"]
     history = records.read_history(tmp_path / "a" / records.HISTORY_FILE)
-    assert summary["runs"][0]["best_val_accuracy"] == max(r["val_accuracy"] for r in history)
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for seed in (0, 1):
+        best = max(r["val_accuracy"] for r in history if r["seed"] == seed)
+        assert summary["variants"][0]["best_val_accuracy"]["values"][seed] == best
+    for figure in report.FIGURES.values():
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| a |" in (tmp_path / "summary.md").read_text()
-    assert json.loads((tmp_path / "summary.json").read_text())["runs"][1]["conv_features"] == [8, 8, 8]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["variants"][1]["conv_features"] == [8, 8, 8]
+    assert saved["comparisons"][0]["metric"] == "best_val_accuracy"  # the notebook's protocol
+    assert saved["sentence"].startswith("Over 2 seeds each, b's best validation accuracy")
 
 
 def _run(*args, cwd=REPO):
@@ -90,18 +110,41 @@ def _run(*args, cwd=REPO):
 def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
     out = tmp_path / "study"
     proc = _run("-m", "experiments.depth_study", "--data-dir", str(mnist_path), "--epochs", "2",
-                "--train-limit", "960", "--out", str(out))
+                "--seeds", "3", "--train-limit", "960", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     for name in ("2conv", "3conv"):
-        assert len(records.read_history(out / name / records.HISTORY_FILE)) == 2
+        history = records.read_history(out / name / records.HISTORY_FILE)
+        assert sorted((r["seed"], r["epoch"]) for r in history) == [
+            (s, e) for s in range(3) for e in (1, 2)]
         result = json.loads((out / name / records.RESULT_FILE).read_text())
-        assert (out / name / result["best_checkpoint"]).is_dir()
+        assert result["validation"] == "holdout"
+        for seed in result["seeds"]:
+            assert (out / name / seed["best_checkpoint"]).is_dir()
+            assert 0 < seed["test_accuracy"] <= 1
     summary = json.loads((out / "summary.json").read_text())
-    assert [run["num_params"] for run in summary["runs"]] == [113_386, 37_674]
-    assert (out / "curves.png").stat().st_size > 10_000 and (out / "summary.md").exists()
+    assert summary["validation"] == "holdout"
+    assert [v["num_params"] for v in summary["variants"]] == [113_386, 37_674]
+    for v in summary["variants"]:
+        for key in ("test_accuracy", "best_val_accuracy"):
+            d = v[key]
+            assert len(d["values"]) == 3 and d["ci_low"] <= d["mean"] <= d["ci_high"]
+            assert d["sd"] > 0
+    welch = summary["comparisons"][0]["welch"]
+    assert welch["test"].startswith("Welch") and 0 <= welch["p_value"] <= 1
+    assert welch["ci_low"] <= welch["difference"] <= welch["ci_high"]
+    assert summary["comparisons"][0]["metric"] == "test_accuracy"
+    assert summary["sentence"] in proc.stdout and "Over 3 seeds each" in summary["sentence"]
+    figures = {f: (out / f).stat().st_mtime_ns for f in report.FIGURES.values()}
+    assert all((out / f).stat().st_size > 10_000 for f in figures)
     assert "2conv" in proc.stdout and "val_acc" in proc.stdout
-    # The report redraws from the files alone.
-    assert _run("-m", "mnist_jax.report", str(out)).returncode == 0
+    # The report redraws every figure and the summary from the files alone, without JAX.
+    (out / "summary.json").unlink()
+    code = ("import runpy, sys; sys.modules['jax'] = None; sys.argv = ['report', sys.argv[1]];"
+            "runpy.run_module('mnist_jax.report', run_name='__main__')")
+    proc = _run("-c", code, str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "summary.json").read_text())["sentence"] == summary["sentence"]
+    assert all((out / f).stat().st_mtime_ns > t for f, t in figures.items())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -136,24 +179,26 @@ def test_a_used_output_folder_is_refused_and_kept(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "earlier result"
 
 
-def test_another_optimizer_swaps_in_without_editing_the_library(tiny):
-    result = fit(SMALL, TrainConfig(epochs=1), tiny, None, tx=optax.sgd(0.05), log=lambda line: None)
-    expected = jax.tree.structure(optax.sgd(0.05).init(result.state.params))
-    assert jax.tree.structure(result.state.opt_state) == expected
-    assert int(result.state.step) == 16
+def test_another_optimizer_swaps_in_without_editing_the_library(splits):
+    result = fit(SMALL, TrainConfig(epochs=1), splits, None, tx=optax.sgd(0.05), log=lambda line: None)
+    expected = jax.tree.structure(optax.sgd(0.05).init(result.states.params))
+    assert jax.tree.structure(result.states.opt_state) == expected
+    assert result.states.step.tolist() == [16]
 
 
 def test_report_refuses_damaged_or_missing_files_in_one_line(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / records.RESULT_FILE).write_text("{not json")
+    (run / records.CONFIG_FILE).write_text("{}")
     proc = _run("-m", "mnist_jax.report", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "is not a finished run: config.json is missing" in proc.stderr
-    (run / records.CONFIG_FILE).write_text("{}")
+    assert "is not a finished run: history.csv is missing" in proc.stderr
+    (run / records.CONFIG_FILE).write_text("{not json")
     (run / records.HISTORY_FILE).write_text("epoch,val_accuracy\n1,0.5\n")
-    with pytest.raises(UserError, match="damaged file"):
-        report.summarize_run(run)
+    (run / records.RESULT_FILE).write_text("{}")
+    (run / "test_predictions.npz").write_bytes(b"")
+    with pytest.raises(UserError, match=f"{run / records.CONFIG_FILE} is damaged: Expecting"):
+        report.read_run(run)
 
 
 @pytest.mark.mnist
@@ -163,14 +208,14 @@ def test_same_seed_same_files_across_processes(mnist_path, tmp_path):
     for i in range(2):
         out = tmp_path / f"run{i}"
         proc = _run("-m", "mnist_jax.train", "--data-dir", str(mnist_path), "--train-limit", "640",
-                    "--epochs", "2", "--seed", "3", "--out", str(out))
+                    "--epochs", "2", "--seed", "3", "--seeds", "1", "--out", str(out))
         assert proc.returncode == 0, proc.stderr
         outs.append(out)
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
     a, b = (records.read_history(o / records.HISTORY_FILE) for o in outs)
     assert [[row[k] for k in keys] for row in a] == [[row[k] for k in keys] for row in b]
-    with ocp.CheckpointManager((outs[0] / records.CHECKPOINT_DIR).absolute()) as m0, \
-            ocp.CheckpointManager((outs[1] / records.CHECKPOINT_DIR).absolute()) as m1:
+    with ocp.CheckpointManager((outs[0] / seed_checkpoint_dir(3)).absolute()) as m0, \
+            ocp.CheckpointManager((outs[1] / seed_checkpoint_dir(3)).absolute()) as m1:
         best = m0.latest_step()
         p0 = m0.restore(best, args=ocp.args.StandardRestore())["params"]
         p1 = m1.restore(best, args=ocp.args.StandardRestore())["params"]

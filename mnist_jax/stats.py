@@ -1,0 +1,94 @@
+"""Statistics over seeds, with scipy: intervals, Welch's t-test, effect size, power.
+
+Pure functions of lists of floats (no JAX), so the report computes them from a run's files.
+Accuracies are fractions here; the report prints them in percentage points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import optimize, stats
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+POWER = 0.80
+
+
+def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """The values, their mean, sample standard deviation (n - 1) and the t-interval of
+    the mean (None where fewer than two values give no spread)."""
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    out = {"n": n, "values": x.tolist(), "mean": float(x.mean()) if n else None,
+           "sd": None, "ci_low": None, "ci_high": None, "confidence": confidence}
+    if n >= 2:
+        sd = float(x.std(ddof=1))
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+        out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+    return out
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict | None:
+    """mean(b) - mean(a) with Welch's t-test (unequal variances), its interval and Cohen's
+    d on the average variance, sqrt((sd_a^2 + sd_b^2) / 2). None with fewer than two
+    values on a side. A zero spread on both sides gives no test (p is NaN)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    result = stats.ttest_ind(b, a, equal_var=False)
+    ci = result.confidence_interval(confidence)
+    spread = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+    difference = float(b.mean() - a.mean())
+    return {
+        "test": "Welch's two-sample t-test (two-sided)",
+        "difference": difference,
+        "ci_low": float(ci.low), "ci_high": float(ci.high), "confidence": confidence,
+        "t": float(result.statistic), "df": float(result.df), "p_value": float(result.pvalue),
+        "cohens_d": difference / spread if spread > 0 else None,
+    }
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """Standard error of one accuracy measured on n independent examples."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def t_test_power(difference: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of a two-sided two-sample t-test with n per group and a common sd, from the
+    noncentral t distribution."""
+    df = 2 * n - 2
+    ncp = difference / (sd * math.sqrt(2 / n))
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+
+
+def min_detectable_difference(sd: float, n: int, alpha: float = ALPHA,
+                              power: float = POWER) -> float | None:
+    """The smallest true difference that n seeds per group detect with `power` at level
+    `alpha`, given the spread sd (None without a spread)."""
+    if n < 2 or not sd > 0:
+        return None
+    # Bracket from above, starting near the normal approximation (the noncentral t's tail
+    # is unstable far beyond it).
+    high = 3 * sd * math.sqrt(2 / n)
+    while t_test_power(high, sd, n, alpha) < power:
+        high *= 2
+    return float(optimize.brentq(lambda d: t_test_power(d, sd, n, alpha) - power, 0.0, high,
+                                 xtol=1e-12 * sd))
+
+
+def seeds_needed(difference: float, sd: float, alpha: float = ALPHA, power: float = POWER,
+                 most: int = 100_000) -> int | None:
+    """The fewest seeds per group that detect `difference` with `power` (None without a
+    spread or beyond `most`)."""
+    if not sd > 0 or not difference > 0:
+        return None
+    n = 2
+    while t_test_power(difference, sd, n, alpha) < power:
+        n += 1
+        if n > most:
+            return None
+    return n

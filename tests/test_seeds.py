@@ -1,0 +1,78 @@
+"""Several seeds in one run: each seed is the one-seed run with its seed, and each stops
+where Keras' EarlyStopping would, frozen from then on."""
+
+import jax
+import numpy as np
+import pytest
+
+from mnist_jax import data, engine
+from mnist_jax.config import ModelConfig, TrainConfig
+from mnist_jax.train import build_run, fit, run_epoch
+
+SMALL = ModelConfig(conv_features=(8, 8), dense_features=(32,), dropout_rate=0.1)
+
+
+def _epochs(tiny, seed, seeds, layout, epochs=2):
+    run = build_run(SMALL, TrainConfig(seed=seed, seeds=seeds, layout=layout))
+    train, val = engine.to_device(*tiny.train), engine.to_device(*tiny.test)
+    states, history = run.states, []
+    for _ in range(epochs):
+        states, train_totals, val_totals = run_epoch(run.epochs, states, train, val,
+                                                     [True] * seeds)
+        history.append((train_totals, val_totals))
+    return states, history
+
+
+@pytest.mark.parametrize("layout, exact", [("sequential", True), ("vmap", False)])
+def test_seed_i_of_a_k_seed_run_is_the_one_seed_run_with_seed_i(tiny, layout, exact):
+    """Sequential: bit for bit (the same compiled program). vmap: XLA batches the seeds'
+    matmuls, which may sum in another order: equal to float32 rounding (rtol 1e-5 after
+    two epochs, 32 steps)."""
+    states, history = _epochs(tiny, seed=5, seeds=3, layout=layout)
+    for i in range(3):
+        one, one_history = _epochs(tiny, seed=5 + i, seeds=1, layout="sequential")
+        mine = engine.seed_slice(states, i)
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(engine.seed_slice(one, 0))):
+            if exact:
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for (t, v), (t1, v1) in zip(history, one_history):
+            for key in ("loss_sum", "correct", "count"):
+                for got, want in ((t[key][i], t1[key][0]), (v[key][i], v1[key][0])):
+                    assert got == want if exact else got == pytest.approx(want, rel=1e-5)
+    assert not np.array_equal(states.params["conv0"]["kernel"][0],
+                              states.params["conv0"]["kernel"][1])  # seeds differ
+
+
+def _keras_stop_epoch(values, patience):
+    """Keras 3's rule, written out: the first epoch always improves; a strict improvement
+    resets the wait; stop at the end of the epoch where the wait reaches patience."""
+    best, wait = -np.inf, 0
+    for epoch, value in enumerate(values, start=1):
+        if value > best:
+            best, wait = value, 0
+        else:
+            wait += 1
+            if wait >= patience and epoch > 1:
+                return epoch
+    return None
+
+
+@pytest.mark.parametrize("layout", ["sequential", "vmap"])
+def test_each_seed_stops_where_keras_would_and_stays_frozen(tiny, layout):
+    splits = data.make_splits(tiny, "test")
+    cfg = TrainConfig(seed=0, seeds=3, layout=layout, epochs=12, patience=1,
+                      learning_rate=3e-2, restore_best_weights=False)
+    result = fit(SMALL, cfg, splits, None, log=lambda line: None)
+    stops = []
+    for i, seed in enumerate(result.seeds):
+        rows = [r for r in result.history if r["seed"] == seed.seed]
+        values = [r["val_accuracy"] for r in rows]
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+        assert seed.early_stopping.stopped_epoch == _keras_stop_epoch(values, 1)
+        assert seed.epochs_run == len(rows)
+        # Not trained after it stopped: its final state has exactly its own epochs' steps.
+        assert int(result.states.step[i]) == seed.epochs_run * 16
+        stops.append(seed.epochs_run)
+    assert max(stops) == max(r["epoch"] for r in result.history)  # ran until the last stopped

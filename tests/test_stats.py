@@ -1,0 +1,77 @@
+"""Statistics over seeds against values worked by hand (t tables, closed forms)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from mnist_jax import stats
+
+
+def test_describe_gives_the_t_interval_of_the_mean():
+    d = stats.describe([1.0, 2.0, 3.0])
+    assert d["n"] == 3 and d["mean"] == 2.0 and d["sd"] == 1.0
+    # t(0.975, df 2) = 4.3027 (tables); half-width 4.3027 * 1 / sqrt(3) = 2.4841
+    assert d["ci_low"] == pytest.approx(2 - 2.4841, abs=1e-4)
+    assert d["ci_high"] == pytest.approx(2 + 2.4841, abs=1e-4)
+
+
+def test_one_value_has_no_spread_and_no_interval():
+    d = stats.describe([0.99])
+    assert d["mean"] == 0.99 and d["sd"] is None and d["ci_low"] is None
+
+
+def test_welch_by_hand():
+    # a = 1, 2, 3 and b = 4, 5, 6: difference 3, each variance 1, standard error
+    # sqrt(1/3 + 1/3) = 0.8165, t = 3.6742, Welch-Satterthwaite df = 4 (equal n and sd).
+    w = stats.welch([1, 2, 3], [4, 5, 6])
+    assert w["difference"] == 3.0
+    assert w["t"] == pytest.approx(3.6742, abs=1e-4) and w["df"] == pytest.approx(4.0)
+    # t(0.975, df 4) = 2.7764: 3 -/+ 2.7764 * 0.8165 = 0.7330 .. 5.2670
+    assert w["ci_low"] == pytest.approx(0.7330, abs=1e-4)
+    assert w["ci_high"] == pytest.approx(5.2670, abs=1e-4)
+    # two-sided p for t = 3.674 on 4 df lies between 0.02 (t = 3.747) and 0.05 (t = 2.776)
+    assert 0.02 < w["p_value"] < 0.05
+    assert w["p_value"] == pytest.approx(2 * scipy_stats.t.sf(math.sqrt(13.5), 4))
+    assert w["cohens_d"] == pytest.approx(3.0)  # difference over sd 1
+
+
+def test_welch_with_unequal_spreads_uses_satterthwaite_df():
+    a, b = [0.0, 1.0, 2.0, 3.0], [0.0, 4.0, 8.0]  # variances 5/3 and 16
+    w = stats.welch(a, b)
+    va, vb = (5 / 3) / 4, 16 / 3
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    assert w["df"] == pytest.approx(df) and w["difference"] == pytest.approx(4 - 1.5)
+
+
+def test_welch_needs_two_values_a_side():
+    assert stats.welch([0.99], [0.98, 0.97]) is None
+
+
+def test_binomial_standard_error():
+    # 99% on 10,000 images: sqrt(0.99 * 0.01 / 10000) = 0.000995, a tenth of a point
+    assert stats.binomial_se(0.99, 10_000) == pytest.approx(0.000995, abs=1e-6)
+
+
+def test_power_at_the_minimum_detectable_difference_is_80_percent():
+    sd, n = 0.002, 3
+    mdd = stats.min_detectable_difference(sd, n)
+    assert stats.t_test_power(mdd, sd, n) == pytest.approx(0.8, abs=1e-6)
+    # With many seeds the t test approaches the z test: (z_0.975 + z_0.8) * sd * sqrt(2/n)
+    # = (1.95996 + 0.84162) * sqrt(2/1000) = 0.12529 for sd 1, n 1000.
+    assert stats.min_detectable_difference(1.0, 1000) == pytest.approx(0.12529, rel=2e-3)
+    # Few seeds detect only large differences: with 3 seeds, more than 3 sds.
+    assert mdd > 3 * sd
+
+
+def test_seeds_needed_for_half_the_difference():
+    sd = 0.002
+    mdd = stats.min_detectable_difference(sd, 3)
+    n = stats.seeds_needed(mdd / 2, sd)
+    assert stats.t_test_power(mdd / 2, sd, n) >= 0.8 > stats.t_test_power(mdd / 2, sd, n - 1)
+    assert stats.seeds_needed(mdd * 1.0001, sd) == 3  # power 0.8 exactly at mdd
+    # Halving the difference needs up to four times the seeds (fewer from 3 seeds, where the
+    # t distribution's heavy tails cost most): 8 here.
+    assert 2 * 3 <= n <= 4 * 3
+    assert stats.seeds_needed(0.001, 0.0) is None and stats.min_detectable_difference(0.0, 3) is None

@@ -117,20 +117,3 @@ def init_params(model: CNN, key):
 
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-def forward_flops_per_image(config: ModelConfig) -> float | None:
-    """XLA's count of floating-point operations for one image's forward pass (the plain
-    formulation; None where the backend gives no cost analysis)."""
-    model = CNN(dataclasses.replace(config, conv_impl="xla", pool_impl="window"))
-    params = init_params(model, jax.random.PRNGKey(0))
-    images = jnp.zeros((1, *config.image_shape), jnp.float32)
-    try:
-        cost = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)).lower(
-            params, images).compile().cost_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mnist_jax import cli, plots, records, stats
-from mnist_jax.errors import UserError
+from mnist_jax.config import ModelConfig
+from mnist_jax.errors import ConfigError, UserError
 
 # The Keras notebook's single run, quoted for comparison (not measured here).
 NOTEBOOK = {
@@ -73,7 +74,7 @@ def summarize_run(run: dict) -> dict:
     """One run's per-seed figures, their statistics, and its cost."""
     try:
         return _summary(run)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, ConfigError) as e:
         raise UserError(f"{run['dir']}: its files do not hold a run of this version "
                         f"({type(e).__name__}: {e})") from None
 
@@ -106,7 +107,8 @@ def _summary(run: dict) -> dict:
         "run_dir": run["dir"].name,
         "conv_features": config["model"]["conv_features"],
         "num_params": config["num_params"],
-        "forward_flops_per_image": config.get("forward_flops_per_image"),
+        # From the shapes, so every run's count is the same whatever its backend.
+        "forward_flops_per_image": ModelConfig.from_dict(config["model"]).forward_flops,
         "validation": result["validation"],
         "monitor": result["monitor"],
         **{f"{k}": config["data"][k] for k in ("train_examples", "val_examples", "test_examples")},

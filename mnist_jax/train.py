@@ -29,7 +29,7 @@ from mnist_jax import resources
 from mnist_jax.config import ModelConfig, TrainConfig, to_dict
 from mnist_jax.data import Splits
 from mnist_jax.early_stopping import EarlyStopping
-from mnist_jax.model import CNN, build_model, count_params, forward_flops_per_image, init_params
+from mnist_jax.model import CNN, build_model, count_params, init_params
 from mnist_jax.recorder import Recorder, seed_checkpoint_dir
 from mnist_jax.resources import ResourceSampler
 
@@ -290,7 +290,7 @@ def run_description(run: Run, train_config: TrainConfig, num_params: int, name: 
                   "layout": run.epochs.layout, "mode": train_config.resolved_mode,
                   "seed_values": list(train_config.seed_values)},
         "num_params": num_params,
-        "forward_flops_per_image": forward_flops_per_image(run.model.config),
+        "forward_flops_per_image": run.model.config.forward_flops,
         "data": {"validation": splits.validation,
                  "train_examples": len(splits.train.labels),
                  "val_examples": len(splits.val.labels),

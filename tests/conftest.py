@@ -1,10 +1,16 @@
 import os
 from pathlib import Path
 
-import jax
-import pytest
+# Bit-identical results on a GPU need XLA's deterministic kernels (some reductions and
+# scatter gradients use atomics otherwise: an H100 gave different parameters for the same
+# seed). Set before JAX starts its backend; subprocesses inherit it. No effect on CPU.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_deterministic_ops=true"]).strip()
 
-from mnist_jax import data
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from mnist_jax import data  # noqa: E402
 
 # Exact float32 products wherever the tests run: on recent GPUs JAX's default is TF32,
 # which would break the float32 tolerances of the equivalence tests.

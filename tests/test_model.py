@@ -74,3 +74,16 @@ def test_evaluation_uses_the_formulation_fast_without_gradients():
     ev = resolve_impls(cfg, "cpu", purpose="eval")
     assert (ev.conv_impl, ev.pool_impl) == ("xla", "window")
     assert resolve_impls(ModelConfig(conv_impl="patches"), "cpu", purpose="eval").conv_impl == "patches"
+
+
+def test_forward_flops_counted_by_hand():
+    def forward_flops_per_image(config):
+        return config.forward_flops
+
+    # 2-conv: conv 26*26*9*1*32 + conv 11*11*9*32*32 + dense 800*128 + logits 128*10
+    # multiply-adds, 2 FLOPs each.
+    two = 2 * (26 * 26 * 9 * 32 + 11 * 11 * 9 * 32 * 32 + 800 * 128 + 128 * 10)
+    assert forward_flops_per_image(ModelConfig()) == two == 2_827_008
+    # 3-conv adds conv 3*3*9*32*64 and flattens 64 features instead of 800.
+    three = 2 * (26 * 26 * 9 * 32 + 11 * 11 * 9 * 32 * 32 + 3 * 3 * 9 * 32 * 64 + 64 * 128 + 128 * 10)
+    assert forward_flops_per_image(ModelConfig(conv_features=(32, 32, 64))) == three

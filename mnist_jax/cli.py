@@ -71,8 +71,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                              f"(default: {DEFAULT_SEEDS}; the notebook ran 1)")
     parser.add_argument("--layout", choices=LAYOUTS, default=d.layout,
                         help="how seeds share the device: 'vmap' (one program over a seed "
-                             "axis), 'sequential' (one after another, compiled once), 'auto' "
-                             "(the faster measured for the backend)")
+                             "axis), 'map' (one program, seeds one after another), 'sequential' "
+                             "(one after another from Python, compiled once), 'auto' (the "
+                             "faster measured for the backend)")
     parser.add_argument("--validation", choices=data_lib.VALIDATIONS, default="holdout",
                         help="'holdout' (default): select epochs on a fixed stratified holdout "
                              "of the training set and report the test set once per seed; "

@@ -14,7 +14,7 @@ from mnist_jax.errors import ConfigError
 CONV_IMPLS = ("auto", "xla", "patches")
 POOL_IMPLS = ("auto", "window", "reshape")
 ENGINES = ("auto", "loop", "scan")
-LAYOUTS = ("auto", "vmap", "sequential")
+LAYOUTS = ("auto", "vmap", "map", "sequential")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,9 @@ class TrainConfig:
 
     `seeds` independent runs train together: run i uses seed `seed + i` for its
     initialisation, dropout and shuffling. `layout` says how they share the device:
-    "vmap" (one compiled program over a seed axis), "sequential" (one after another,
-    compiled once), "auto" (the faster measured for the backend; engine.resolve_layout).
+    "vmap" (one compiled program over a seed axis), "map" (one program running them one
+    after another), "sequential" (one after another from Python, compiled once), "auto"
+    (the faster measured for the backend; engine.resolve_layout).
     """
 
     seed: int = 0

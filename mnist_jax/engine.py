@@ -214,23 +214,35 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     """The one place where epochs meet jit, vmap and donation.
 
     "vmap": one program over the seed axis; a stopped seed's update is discarded with
-    jnp.where (its compute is not saved). "sequential": the one-seed programs, run seed
-    after seed from Python; a stopped seed is skipped.
+    jnp.where (its compute is not saved). "map": one program running the seeds one after
+    another (lax.map), a stopped seed skipped by lax.cond. "sequential": the one-seed
+    programs, run seed after seed from Python; a stopped seed is skipped.
     """
-    if layout == "vmap":
+    one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size)
+    if layout in ("vmap", "map"):
         if engine != "scan":
-            raise ConfigError("the vmap layout needs the scan engine (the loop engine "
-                              "dispatches from Python); use --layout sequential")
+            raise ConfigError(f"the {layout} layout needs the scan engine (the loop engine "
+                              f"dispatches from Python); use --layout sequential")
         epoch = scan_epoch(batch_size, train_step)
+        if layout == "vmap":
+            def masked_epoch(state, split, active):
+                new, totals = epoch(state, split)
+                return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), totals
 
-        def masked_epoch(state, split, active):
-            new, totals = epoch(state, split)
-            return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), totals
+            train = jax.vmap(masked_epoch, in_axes=(0, None, 0))
+            eval_batch = jax.vmap(one_batch, in_axes=(0, 0, None, None))
+        else:  # "map": seeds one after another inside one program; lax.cond skips stopped ones
+            def train(states, split, active):
+                def one(xs):
+                    state, on = xs
+                    return jax.lax.cond(on, epoch, lambda s, _: (s, zero_totals()), state, split)
+                return jax.lax.map(one, (states, active))
 
-        train = jax.jit(jax.vmap(masked_epoch, in_axes=(0, None, 0)), donate_argnums=0)
-        eval_batch = jax.jit(jax.vmap(functools.partial(_eval_batch, eval_step, eval_batch_size),
-                                      in_axes=(0, 0, None, None)))
-        evaluate_all = _evaluate_with(eval_batch, eval_batch_size)
+            def eval_batch(states, totals, split, start):
+                return jax.lax.map(lambda xs: one_batch(*xs, split, start), (states, totals))
+
+        train = jax.jit(train, donate_argnums=0)
+        evaluate_all = _evaluate_with(jax.jit(eval_batch), eval_batch_size)
 
         def evaluate(states, split):
             return evaluate_all(states, split, _seed_axis(zero_totals(), seed_count(states)))
@@ -256,7 +268,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
         train.train_one = train_one  # exposed so tests can count traces
         return Epochs(train, evaluate, engine, layout)
 
-    raise ValueError(f"layout must be 'vmap' or 'sequential', got {layout!r}")
+    raise ValueError(f"layout must be 'vmap', 'map' or 'sequential', got {layout!r}")
 
 
 @jax.jit

@@ -23,11 +23,11 @@ def _epochs(tiny, seed, seeds, layout, epochs=2):
     return states, history
 
 
-@pytest.mark.parametrize("layout, exact", [("sequential", True), ("vmap", False)])
+@pytest.mark.parametrize("layout, exact", [("sequential", True), ("vmap", False), ("map", False)])
 def test_seed_i_of_a_k_seed_run_is_the_one_seed_run_with_seed_i(tiny, layout, exact):
     """Sequential: bit for bit (the same compiled program). vmap: XLA batches the seeds'
-    matmuls, which may sum in another order: equal to float32 rounding (rtol 1e-5 after
-    two epochs, 32 steps)."""
+    matmuls, which may sum in another order; map: another program, fused differently:
+    equal to float32 rounding (rtol 1e-5 after two epochs, 32 steps)."""
     states, history = _epochs(tiny, seed=5, seeds=3, layout=layout)
     for i in range(3):
         one, one_history = _epochs(tiny, seed=5 + i, seeds=1, layout="sequential")
@@ -59,7 +59,7 @@ def _keras_stop_epoch(values, patience):
     return None
 
 
-@pytest.mark.parametrize("layout", ["sequential", "vmap"])
+@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
 def test_each_seed_stops_where_keras_would_and_stays_frozen(tiny, layout):
     splits = data.make_splits(tiny, "test")
     cfg = TrainConfig(seed=0, seeds=3, layout=layout, epochs=12, patience=1,

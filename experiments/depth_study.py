@@ -22,14 +22,34 @@ from __future__ import annotations
 
 import sys
 
-from mnist_jax import cli, report
+from mnist_jax import cli, interrupts, report
 from mnist_jax.config import ModelConfig
+from mnist_jax.recorder import is_finished
 from mnist_jax.train import fit
 
 VARIANTS = {
     "2conv": ModelConfig(conv_features=(32, 32)),
     "3conv": ModelConfig(conv_features=(32, 32, 64)),
 }
+
+
+def study(args, train_config, out) -> None:
+    """Train every variant into `out/<name>` (with --resume: keep the finished ones and
+    continue the others), then write the comparison."""
+    splits = cli.load_splits(args)
+    diverged = []
+    for name, model_config in VARIANTS.items():
+        if args.resume and is_finished(out / name):
+            cli.log(f"[{name}] finished in an earlier run: kept")
+            diverged.append((name, report.diverged_seeds(out / name)))
+            continue
+        result = fit(cli.model_config(args, model_config), train_config, splits, out / name,
+                     name=name, resume=args.resume)
+        diverged.append((name, result.diverged))
+    summary = report.write_study_report(out, [out / name for name in VARIANTS])
+    print(report.format_text(summary))
+    print(f"wrote {out}")
+    cli.check_finite(diverged)
 
 
 def main(argv=None) -> int:
@@ -42,17 +62,13 @@ def main(argv=None) -> int:
 
     def run():
         train_config = cli.train_config(args)
-        out = cli.check_out_dir(args.out, args.default_out)
-        splits = cli.load_splits(args)
-        diverged = []
-        for name, model_config in VARIANTS.items():
-            result = fit(cli.model_config(args, model_config), train_config, splits, out / name,
-                         name=name)
-            diverged.append((name, result.diverged))
-        summary = report.write_study_report(out, [out / name for name in VARIANTS])
-        print(report.format_text(summary))
-        print(f"wrote {out}")
-        cli.check_finite(diverged)
+        with cli.claim_out(args) as out:
+            try:
+                study(args, train_config, out)
+            except interrupts.Interrupted:
+                report.write_interrupted_summary(out, [out / name for name in VARIANTS])
+                cli.log(f"resume with: {cli.resume_command(args, out)}")
+                raise
 
     return cli.run_main(run)
 

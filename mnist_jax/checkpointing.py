@@ -1,5 +1,12 @@
-"""Checkpoints with Orbax: the best train state, saved only when the monitored metric
-improves (Keras' ModelCheckpoint(save_best_only=True)), in `<dir>/<epoch>/`.
+"""Checkpoints with Orbax, in `<dir>/<epoch>/`.
+
+BestCheckpoint: one seed's best train state, saved only when the monitored metric improves
+(Keras' ModelCheckpoint(save_best_only=True)). LatestCheckpoint: everything the next epoch
+needs to resume (every seed's train state and best state so far), after every epoch.
+
+Orbax writes each save into a temporary folder and renames it when complete, and the
+managers here delete temporary folders left by a killed process when they open: a
+checkpoint on disk is complete or absent, never half-written.
 
 One CheckpointManager keeps the latest save (LatestN(1)); since a save happens only on an
 improvement, the latest save is the best. Choosing "best" here rather than with Orbax's
@@ -32,6 +39,7 @@ class BestCheckpoint:
             preservation_policy=ocp.checkpoint_managers.LatestN(1),
             enable_async_checkpointing=False,
             create=True,
+            cleanup_tmp_directories=True,
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -64,6 +72,17 @@ class BestCheckpoint:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         return restore_state(self.directory, epoch, like, manager=self._manager)
 
+    def keep_only(self, epoch: int | None, state, metrics: dict[str, float]) -> None:
+        """Make `epoch`'s checkpoint (None: none) the only one, saving `state` if it is not
+        on disk: a resumed run's best may differ from what a killed run left here (a save
+        for an epoch that did not finish)."""
+        if epoch is not None and self.epoch == epoch:
+            return
+        for step in self._manager.all_steps():
+            self._manager.delete(step)
+        if epoch is not None:
+            self.save(epoch, state, metrics)
+
     def close(self) -> None:
         self._manager.close()  # errors surface here; never swallow them
 
@@ -72,6 +91,58 @@ class BestCheckpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class LatestCheckpoint:
+    """After every epoch, `{"states": ..., "best": ...}` (every seed, stacked) under
+    `directory/<epoch>/`, only the latest kept. The host side (early stopping, epochs run)
+    is rebuilt from history.csv, which is written before this save."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(1),
+            enable_async_checkpointing=False,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:
+            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
+            raise CheckpointError(f"cannot create checkpoint folder {self.directory}: "
+                                  f"{detail}") from None
+
+    @property
+    def epoch(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, epoch: int, states, best) -> None:
+        try:
+            self._manager.save(epoch, args=ocp.args.Composite(
+                states=ocp.args.StandardSave(states), best=ocp.args.StandardSave(best)))
+            self._manager.wait_until_finished()
+        except Exception as e:
+            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
+            raise CheckpointError(f"cannot write checkpoint {self.directory / str(epoch)}: "
+                                  f"{type(e).__name__}: {detail}") from None
+
+    def restore(self, like_states, like_best):
+        """(epoch, states, best) of the latest checkpoint, shaped like the arguments."""
+        epoch = self.epoch
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        try:
+            restored = self._manager.restore(epoch, args=ocp.args.Composite(
+                states=ocp.args.StandardRestore(abstract(like_states)),
+                best=ocp.args.StandardRestore(abstract(like_best))))
+        except Exception as e:  # unreadable, or another model's shapes
+            raise CheckpointError(f"cannot resume from {self.directory / str(epoch)}: "
+                                  f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                                  ) from None
+        return epoch, restored["states"], restored["best"]
+
+    def close(self) -> None:
+        self._manager.close()
 
 
 def restore_state(directory: str | os.PathLike, epoch: int, like, *, manager=None):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from mnist_jax import data as data_lib
+from mnist_jax import interrupts, records
 from mnist_jax.config import CONV_IMPLS, ENGINES, LAYOUTS, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import TrainingDiverged, UserError
 
@@ -55,7 +56,10 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                              f"{data_lib.DEFAULT_CACHE})")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output folder, new or empty (default: {default_out}/<date-time>)")
-    parser.set_defaults(default_out=default_out)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out after its last finished epoch (the "
+                             "same flags as when it started; finished models are kept)")
+    parser.set_defaults(default_out=default_out, prog=parser.prog)
     parser.add_argument("--epochs", type=positive_int, default=d.epochs,
                         help=f"most epochs to train (default: {d.epochs})")
     parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
@@ -121,26 +125,34 @@ def check_finite(diverged: list[tuple[str, list[int]]]) -> None:
                                f"the other seeds' results are complete: lower --learning-rate")
 
 
-def check_out_dir(out: str | None, default_root: str) -> Path:
-    """The output folder to use: new or empty, else a one-line error. Nothing is created
-    yet (fit creates it), so a run that fails before training leaves nothing behind."""
-    if out is None:
-        stamp = Path(default_root) / time.strftime("%Y%m%d-%H%M%S")
-        path, n = stamp, 1
-        while path.exists():  # two runs started in the same second
-            n += 1
-            path = stamp.with_name(f"{stamp.name}-{n}")
-        return path
-    path = Path(out).expanduser()
+def claim_out(args) -> records.RunDir:
+    """The output folder, claimed for this process before anything else happens (data
+    loading included): `--out`, new or empty, or with --resume the folder of an earlier
+    run; without --out a new `<default>/<date-time>` folder, unique even for runs started
+    in the same second. Use as a context manager; the claim ends with the process."""
+    if args.out is None:
+        if args.resume:
+            raise UserError("--resume needs --out, the folder of the run to continue")
+        return records.RunDir(records.new_run_dir(args.default_out), what="--out", created=True)
+    path = Path(args.out).expanduser()
     try:
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file, not a folder")
-        if path.is_dir() and any(path.iterdir()):
-            raise UserError(f"--out {path} already holds files; choose a new or empty folder "
-                            f"(nothing was overwritten)")
+        if args.resume and not (path / records.LOCK_FILE).exists():
+            raise UserError(f"--resume: {path} holds no run to continue")
     except OSError as e:
         raise UserError(f"cannot use --out {path}: {e.strerror or e}") from None
-    return path
+    return records.RunDir(path, resume=args.resume, what="--out")
+
+
+def resume_command(args, out: Path) -> str:
+    """The command line that continues this run: the same flags, --out and --resume."""
+    argv = list(sys.argv[1:])
+    if args.out is None:
+        argv += ["--out", str(out)]
+    if not args.resume:
+        argv.append("--resume")
+    return shlex.join([*args.prog.split(), *argv])
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -152,9 +164,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_main(body: Callable[[], None]) -> int:
     """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
-    and exit status 2, with no traceback."""
+    and exit status 2, with no traceback. SIGINT and SIGTERM stop it cleanly (exit 130,
+    143; interrupts.py)."""
     try:
-        body()
+        with interrupts.handled():
+            body()
+    except interrupts.Interrupted as e:
+        print(f"interrupted ({e}): every finished epoch is saved", file=sys.stderr)
+        return e.exit_status
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,20 +188,12 @@ def run_main(body: Callable[[], None]) -> int:
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: files written so far are complete (each write is atomic)",
-              file=sys.stderr)
-        return 130
     return 0
 
 
 def log(line: str) -> None:
-    """Print a line, first clearing a progress line left on a terminal."""
-    print(("\r\033[K" if sys.stdout.isatty() else "") + line, flush=True)
+    """Print a line to stdout, above any progress bars (tqdm clears and redraws them)."""
+    from tqdm.auto import tqdm
 
-
-def progress(text: str) -> None:
-    """A transient status line on a terminal; nothing in logs and pipes."""
-    if sys.stdout.isatty():
-        sys.stdout.write("\r\033[K" + text)
-        sys.stdout.flush()
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()

@@ -109,6 +109,9 @@ class TrainConfig:
     "vmap" (one compiled program over a seed axis), "map" (one program running them one
     after another), "sequential" (one after another from Python, compiled once), "auto"
     (the faster measured for the backend; engine.resolve_layout).
+
+    `epoch_chunks`: each epoch runs as this many calls of one compiled program, so that a
+    progress bar moves and an interrupt stops within a chunk; results do not depend on it.
     """
 
     seed: int = 0
@@ -125,6 +128,7 @@ class TrainConfig:
     restore_best_weights: bool = True
     engine: str = "auto"
     resource_interval_s: float = 0.5
+    epoch_chunks: int = 20
 
     def __post_init__(self):
         _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
@@ -146,6 +150,7 @@ class TrainConfig:
                  f"seeds {self.seed}..{self.seed + self.seeds - 1} must lie in [0, 2**32)")
         _require(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         _require(self.resource_interval_s > 0, "resource_interval_s must be positive")
+        _require(self.epoch_chunks >= 1, f"epoch_chunks must be at least 1, got {self.epoch_chunks}")
 
     @property
     def seed_values(self) -> tuple[int, ...]:

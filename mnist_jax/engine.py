@@ -110,19 +110,31 @@ def per_seed_means(prefix: str, totals) -> list[dict[str, float]]:
             for i in range(k)]
 
 
+def run_steps(train_step: Callable = steps.train_step) -> Callable:
+    """The pure chunk of an epoch, `(state, totals, split, order, mask, start, stop) ->
+    (state, totals)`: steps `start..stop-1` of the epoch whose `order` and `mask` are given.
+    A `lax.fori_loop`, so one compiled program runs chunks of any length (traced bounds)."""
+
+    def chunk(state, totals, split, order, mask, start, stop):
+        def body(i, carry):
+            state, totals = carry
+            batch = gather_batch(split, order[i], mask[i])
+            state, metrics = train_step(state, batch, step_key(state))
+            return state, _add(totals, metrics)
+
+        return jax.lax.fori_loop(start, stop, body, (state, totals))
+
+    return chunk
+
+
 def scan_epoch(batch_size: int, train_step: Callable = steps.train_step) -> Callable:
-    """The pure epoch, `(state, split) -> (state, totals)`: one `lax.scan` over the
-    batches, no jit inside (compile_epochs or make_train_epoch compiles it)."""
+    """The pure epoch, `(state, split) -> (state, totals)`: every step in one loop, no jit
+    inside (make_train_epoch compiles it)."""
+    chunk = run_steps(train_step)
 
     def train_epoch(state, split):
         order, mask = epoch_order(state, split.labels.shape[0], batch_size)
-
-        def body(carry, _):
-            return _run_step(train_step, *carry, split, order, mask), None
-
-        (state, totals), _ = jax.lax.scan(body, (state, zero_totals()), None,
-                                          length=order.shape[0])
-        return state, totals
+        return chunk(state, zero_totals(), split, order, mask, 0, order.shape[0])
 
     return train_epoch
 
@@ -134,32 +146,67 @@ def _run_step(train_step, state, totals, split, order, mask):
     return state, _add(totals, metrics)
 
 
-def make_train_epoch(batch_size: int, engine: str,
-                     train_step: Callable = steps.train_step) -> Callable:
-    """One seed's `train_epoch(state, split) -> (state, totals)`, compiled once per data
-    shape, the state donated.
+def chunk_bounds(num_steps: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` near-equal consecutive ranges of steps covering 0..num_steps."""
+    edges = np.linspace(0, num_steps, min(chunks, num_steps) + 1).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+OnChunk = Callable[[int], None]  # called with the steps (summed over seeds) just finished
+
+
+def _drive(call, carry, bounds, on_chunk: OnChunk | None, seeds: int):
+    """`carry = call(carry, start, stop)` for each chunk. With `on_chunk`, each chunk is
+    reported once the device has finished it, one chunk late: the host waits for chunk j
+    only after queueing chunk j + 1, so the device never idles for the host."""
+    pending = None
+    for start, stop in bounds:
+        carry = call(carry, np.int32(start), np.int32(stop))
+        if on_chunk is not None:
+            if pending is not None:
+                jax.block_until_ready(pending[0])
+                on_chunk(pending[1])
+            pending = (carry[1]["count"], (stop - start) * seeds)
+    if pending is not None:
+        jax.block_until_ready(pending[0])
+        on_chunk(pending[1])
+    return carry
+
+
+def make_train_epoch(batch_size: int, engine: str, train_step: Callable = steps.train_step,
+                     chunks: int = 1) -> Callable:
+    """One seed's `train_epoch(state, split, on_chunk=None) -> (state, totals)`, compiled
+    once per data shape, the state donated; run as `chunks` calls, with `on_chunk(steps)`
+    after each (results do not depend on `chunks`).
 
     `train_step(state, batch, key) -> (state, metrics)` may be any step with that
     signature (another loss via functools.partial, a batch transform, ...).
     """
+    order_fn = jax.jit(epoch_order, static_argnums=(1, 2))
     if engine == "scan":
-        return jax.jit(scan_epoch(batch_size, train_step), donate_argnums=0)
+        chunk_fn = jax.jit(run_steps(train_step), donate_argnums=0)
 
-    if engine == "loop":
-        order_fn = jax.jit(epoch_order, static_argnums=(1, 2))
-        step_fn = jax.jit(functools.partial(_run_step, train_step), donate_argnums=(0, 1))
+        def call(split, order, mask):
+            return lambda carry, start, stop: chunk_fn(*carry, split, order, mask, start, stop)
+    elif engine == "loop":
+        chunk_fn = jax.jit(functools.partial(_run_step, train_step), donate_argnums=(0, 1))
 
-        def train_epoch(state, split):
-            order, mask = order_fn(state, split.size, batch_size)
-            totals = zero_totals()
-            for _ in range(order.shape[0]):
-                state, totals = step_fn(state, totals, split, order, mask)
-            return state, totals
+        def call(split, order, mask):
+            def steps_(carry, start, stop):
+                for _ in range(int(stop - start)):
+                    carry = chunk_fn(*carry, split, order, mask)
+                return carry
+            return steps_
+    else:
+        raise ValueError(f"engine must be 'scan' or 'loop', got {engine!r}")
 
-        train_epoch.step_fn = step_fn  # exposed so tests can count traces
-        return train_epoch
+    def train_epoch(state, split, on_chunk: OnChunk | None = None):
+        order, mask = order_fn(state, split.size, batch_size)
+        return _drive(call(split, order, mask), (state, zero_totals()),
+                      chunk_bounds(order.shape[0], chunks), on_chunk, 1)
 
-    raise ValueError(f"engine must be 'scan' or 'loop', got {engine!r}")
+    train_epoch.step_fn = chunk_fn  # exposed so tests can count traces
+    return train_epoch
 
 
 def _eval_batch(eval_step, batch_size, state, totals, split, start):
@@ -196,8 +243,9 @@ def make_evaluate(batch_size: int, eval_step: Callable = steps.eval_step) -> Cal
 class Epochs(NamedTuple):
     """What fit() runs on a state with a leading seed axis [K, ...], compiled once.
 
-    train(states, split, active) -> (states, totals): one epoch for the seeds where
-        `active` [K] bool is True; the others' states come back unchanged.
+    train(states, split, active, on_chunk=None) -> (states, totals): one epoch for the
+        seeds where `active` [K] bool is True (the others' states come back unchanged), as
+        `chunks` compiled calls, `on_chunk(steps)` after each finished one.
     evaluate(states, split) -> (totals, predictions [K, N]) for every seed.
     Totals are dicts of [K] device arrays (loss_sum, correct, count).
     """
@@ -210,52 +258,65 @@ class Epochs(NamedTuple):
 
 def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: str,
                    train_step: Callable = steps.train_step,
-                   eval_step: Callable = steps.eval_step) -> Epochs:
+                   eval_step: Callable = steps.eval_step, chunks: int = 1) -> Epochs:
     """The one place where epochs meet jit, vmap and donation.
 
     "vmap": one program over the seed axis; a stopped seed's update is discarded with
     jnp.where (its compute is not saved). "map": one program running the seeds one after
     another (lax.map), a stopped seed skipped by lax.cond. "sequential": the one-seed
-    programs, run seed after seed from Python; a stopped seed is skipped.
+    programs, run seed after seed from Python; a stopped seed is skipped. Every layout
+    runs an epoch as `chunks` calls of one compiled chunk program (progress, interrupts).
     """
     one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size)
     if layout in ("vmap", "map"):
         if engine != "scan":
             raise ConfigError(f"the {layout} layout needs the scan engine (the loop engine "
                               f"dispatches from Python); use --layout sequential")
-        epoch = scan_epoch(batch_size, train_step)
+        chunk = run_steps(train_step)
         if layout == "vmap":
-            def masked_epoch(state, split, active):
-                new, totals = epoch(state, split)
+            def masked_chunk(state, totals, split, order, mask, start, stop, active):
+                new, totals = chunk(state, totals, split, order, mask, start, stop)
                 return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), totals
 
-            train = jax.vmap(masked_epoch, in_axes=(0, None, 0))
+            train_chunk = jax.vmap(masked_chunk, in_axes=(0, 0, None, 0, 0, None, None, 0))
             eval_batch = jax.vmap(one_batch, in_axes=(0, 0, None, None))
         else:  # "map": seeds one after another inside one program; lax.cond skips stopped ones
-            def train(states, split, active):
+            def train_chunk(states, totals, split, orders, masks, start, stop, active):
                 def one(xs):
-                    state, on = xs
-                    return jax.lax.cond(on, epoch, lambda s, _: (s, zero_totals()), state, split)
-                return jax.lax.map(one, (states, active))
+                    state, tot, order, mask, on = xs
+                    return jax.lax.cond(
+                        on, lambda s, t: chunk(s, t, split, order, mask, start, stop),
+                        lambda s, t: (s, t), state, tot)
+                return jax.lax.map(one, (states, totals, orders, masks, active))
 
             def eval_batch(states, totals, split, start):
                 return jax.lax.map(lambda xs: one_batch(*xs, split, start), (states, totals))
 
-        train = jax.jit(train, donate_argnums=0)
+        train_chunk = jax.jit(train_chunk, donate_argnums=0)
+        orders = jax.jit(jax.vmap(epoch_order, in_axes=(0, None, None)), static_argnums=(1, 2))
         evaluate_all = _evaluate_with(jax.jit(eval_batch), eval_batch_size)
+
+        def train(states, split, active, on_chunk=None):
+            active = jnp.asarray(active)
+            order, mask = orders(states, split.size, batch_size)
+            totals = _seed_axis(zero_totals(), seed_count(states))
+            call = lambda carry, start, stop: train_chunk(  # noqa: E731
+                *carry, split, order, mask, start, stop, active)
+            return _drive(call, (states, totals), chunk_bounds(order.shape[1], chunks),
+                          on_chunk, int(active.sum()))
 
         def evaluate(states, split):
             return evaluate_all(states, split, _seed_axis(zero_totals(), seed_count(states)))
 
-        return Epochs(lambda states, split, active: train(states, split, jnp.asarray(active)),
-                      evaluate, engine, layout)
+        train.train_chunk = train_chunk  # exposed so tests can count traces
+        return Epochs(train, evaluate, engine, layout)
 
     if layout == "sequential":
-        train_one = make_train_epoch(batch_size, engine, train_step)
+        train_one = make_train_epoch(batch_size, engine, train_step, chunks)
         evaluate_one = make_evaluate(eval_batch_size, eval_step)
 
-        def train(states, split, active):
-            results = [train_one(seed_slice(states, i), split) if on
+        def train(states, split, active, on_chunk=None):
+            results = [train_one(seed_slice(states, i), split, on_chunk) if on
                        else (seed_slice(states, i), zero_totals())
                        for i, on in enumerate(active)]
             return stack_seeds([s for s, _ in results]), stack_seeds([t for _, t in results])

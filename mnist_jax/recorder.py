@@ -11,6 +11,9 @@ A run folder holds:
   test_predictions.npz the test labels, every seed's predicted classes, and the images
                        some seed got wrong (what the report's figures need)
   checkpoints/seed_<S>/best/<epoch>/   Orbax checkpoint of seed S's best train state
+  checkpoints/latest/<epoch>/          every seed's train state and best state after the
+                       last finished epoch, for --resume (history.csv holds the rest)
+  .lock                held by the process writing the folder (records.RunDir)
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from mnist_jax import records
-from mnist_jax.checkpointing import BestCheckpoint
+from mnist_jax.checkpointing import BestCheckpoint, LatestCheckpoint
+from mnist_jax.errors import UserError
 
 PREDICTIONS_FILE = "test_predictions.npz"
+LATEST_DIR = "checkpoints/latest"
+# config.json's parts that must match for a run to be resumed: what it computes
+RESUME_KEYS = ("model", "eval_formulation", "train", "data")
 
 
 def seed_checkpoint_dir(seed: int) -> str:
@@ -32,15 +39,76 @@ def seed_checkpoint_dir(seed: int) -> str:
     return f"checkpoints/seed_{seed}/best"
 
 
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / records.RESULT_FILE).is_file()
+
+
 class Recorder:
-    def __init__(self, out_dir: str | os.PathLike | None, seeds: tuple[int, ...]):
-        self.out = records.claim_run_dir(out_dir) if out_dir is not None else None
+    """Writes one run's folder. `resume=True` takes a folder an earlier run of the same
+    config left (or a new one); otherwise the folder must be new or empty."""
+
+    def __init__(self, out_dir: str | os.PathLike | records.RunDir | None,
+                 seeds: tuple[int, ...], resume: bool = False):
+        claimed = isinstance(out_dir, records.RunDir) or out_dir is None
+        self._dir = None if claimed else records.RunDir(out_dir, resume=resume)
+        self.out = out_dir.path if isinstance(out_dir, records.RunDir) else (
+            self._dir.path if self._dir is not None else None)
         self.seeds = seeds
         self._checkpoints: dict[int, BestCheckpoint] = {}
+        self._latest: LatestCheckpoint | None = None
 
     def write_config(self, description: dict) -> None:
         if self.out is not None:
             records.write_json(self.out / records.CONFIG_FILE, description)
+
+    def check_resumable(self, description: dict) -> None:
+        """Refuse to resume a folder whose run is finished or computes something else
+        than `description` says (another model, batch size, seeds, data, protocol)."""
+        if self.out is None:
+            return
+        if is_finished(self.out):
+            raise UserError(f"{self.out} holds a finished run: nothing to resume")
+        path = self.out / records.CONFIG_FILE
+        if not path.exists():
+            return  # claimed, then stopped before writing anything: start afresh
+        try:
+            saved = records.read_json(path)
+            differences = [f"{key}.{k}: {saved[key].get(k)!r} there, {v!r} now"
+                           for key in RESUME_KEYS for k, v in description[key].items()
+                           if saved[key].get(k) != records.json_roundtrip(v)]
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"cannot resume: {path} is damaged ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if differences:
+            raise UserError(f"cannot resume {self.out}: it was started with other settings "
+                            f"({'; '.join(differences[:3])})")
+
+    def read_history(self) -> list[dict]:
+        path = self.out / records.HISTORY_FILE if self.out is not None else None
+        if path is None or not path.exists():
+            return []
+        try:
+            return records.read_history(path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"cannot resume: {path} is damaged ({e})") from None
+
+    def latest(self, like_states, like_best):
+        """(epoch, states, best) of the last finished epoch on disk, or None."""
+        if self.out is None:
+            return None
+        self._latest = self._latest or LatestCheckpoint(self.out / LATEST_DIR)
+        return self._latest.restore(like_states, like_best) if self._latest.epoch else None
+
+    def save_latest(self, epoch: int, states, best) -> None:
+        if self.out is None:
+            return
+        self._latest = self._latest or LatestCheckpoint(self.out / LATEST_DIR)
+        self._latest.save(epoch, states, best)
+
+    def keep_only_best(self, seed: int, epoch: int | None, state, metrics: dict) -> None:
+        """On resume: seed `seed`'s best checkpoint is `epoch`'s (None: no checkpoint)."""
+        if self.out is not None:
+            self._best_checkpoint(seed).keep_only(epoch, state, metrics)
 
     def write_history(self, history: list[dict]) -> None:
         if self.out is not None:
@@ -48,11 +116,13 @@ class Recorder:
 
     def save_best(self, seed: int, epoch: int, state, metrics: dict[str, float]) -> None:
         """Seed `seed`'s state as its best checkpoint (replacing its previous best)."""
-        if self.out is None:
-            return
+        if self.out is not None:
+            self._best_checkpoint(seed).save(epoch, state, metrics)
+
+    def _best_checkpoint(self, seed: int) -> BestCheckpoint:
         if seed not in self._checkpoints:
             self._checkpoints[seed] = BestCheckpoint(self.out / seed_checkpoint_dir(seed))
-        self._checkpoints[seed].save(epoch, state, metrics)
+        return self._checkpoints[seed]
 
     def write_result(self, result: dict) -> None:
         if self.out is not None:
@@ -73,11 +143,13 @@ class Recorder:
 
     def close(self) -> None:
         errors = []
-        for checkpoint in self._checkpoints.values():
+        for checkpoint in [*self._checkpoints.values(), *filter(None, [self._latest])]:
             try:
                 checkpoint.close()
             except Exception as e:  # close every manager; report the first failure
                 errors.append(e)
-        self._checkpoints = {}
+        self._checkpoints, self._latest = {}, None
+        if self._dir is not None:
+            self._dir.close()
         if errors:
             raise errors[0]

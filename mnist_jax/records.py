@@ -4,10 +4,13 @@ folder, then os.replace), so an interrupted run never leaves a half-written file
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
+import itertools
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,18 +22,80 @@ HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.json"
 
 
-def claim_run_dir(path: str | os.PathLike) -> Path:
-    """Create `path` (and its parents) for a run, refusing a folder that already holds
-    files: nothing saved earlier is overwritten."""
-    path = Path(path)
+LOCK_FILE = ".lock"  # held (flock) by the process writing the folder; the kernel frees it
+
+
+class RunDir:
+    """A folder claimed by one run: an exclusive lock on `<folder>/.lock` for as long as
+    the run lives (released by the kernel even after SIGKILL), so two processes never
+    write one folder. A fresh claim also requires the folder to hold nothing else; a
+    resumed one (`resume=True`) takes the folder as it is. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False,
+                 what: str = "run folder", created: bool = False):
+        self.path = Path(path)
+        self._fd = None
+        self._created = created or not self.path.exists()  # removed again if left unused
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot create {what} {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise UserError(f"{what} {self.path} is in use by another run"
+                            f"{f' (pid {holder})' if holder else ''}") from None
+        if not resume and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            self.close()
+            raise UserError(f"{what} {self.path} already holds files (nothing was "
+                            f"overwritten): choose a new folder, or --resume to continue it")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """On an error before anything was written, the claim is undone: a run that never
+        started leaves no folder behind."""
+        try:
+            unused = exc_type is not None and [p.name for p in self.path.iterdir()] == [LOCK_FILE]
+            if unused:
+                (self.path / LOCK_FILE).unlink()
+                if self._created:
+                    self.path.rmdir()
+        except OSError:
+            pass  # best effort: the folder holds nothing of value
+        finally:
+            self.close()
+
+
+def new_run_dir(root: str | os.PathLike) -> Path:
+    """A new, empty folder `<root>/<date-time>` (`-2`, `-3`, ... for runs started in the
+    same second), created atomically so that two runs never get the same one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = Path(root)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        used = any(path.iterdir())
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create run folder {path}: {e.strerror or e}") from None
-    if used:
-        raise UserError(f"run folder {path} already holds files (nothing was overwritten)")
-    return path
+        raise UserError(f"cannot create {root}: {e.strerror or e}") from None
+    for n in itertools.count(1):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path  # RunDir(path, created=True) removes it again if the run never starts
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create {path}: {e.strerror or e}") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -57,6 +122,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """`obj` as it reads back from write_json (tuples become lists, NaN None)."""
+    return json.loads(json.dumps(_json_safe(obj)))
 
 
 def read_json(path: str | os.PathLike) -> Any:

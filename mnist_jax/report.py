@@ -331,6 +331,51 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
     return summary
 
 
+def diverged_seeds(run_dir: str | Path) -> list[int]:
+    """The seeds of a finished run whose loss became NaN or infinite."""
+    result = records.read_json(Path(run_dir) / records.RESULT_FILE)
+    return [s["seed"] for s in result["seeds"] if s.get("diverged_epoch") is not None]
+
+
+def write_interrupted_summary(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
+    """After an interrupt: summary.json and summary.md say the study is unfinished, and
+    how far each run got (its finished epochs, each seed's best so far)."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        run = {"name": run_dir.name, "dir": str(run_dir)}
+        try:
+            if (run_dir / records.RESULT_FILE).is_file():
+                run["status"] = "finished"
+            elif (run_dir / records.HISTORY_FILE).is_file():
+                history = records.read_history(run_dir / records.HISTORY_FILE)
+                run["status"] = "interrupted"
+                run["seeds"] = [_seed_so_far(seed, [r for r in history if r["seed"] == seed])
+                                for seed in dict.fromkeys(r["seed"] for r in history)]
+            else:
+                run["status"] = "not started" if not run_dir.exists() else "no epoch finished"
+        except (ValueError, OSError, KeyError) as e:
+            run["status"] = f"unreadable ({type(e).__name__})"
+        runs.append(run)
+    summary = {"status": "interrupted", "runs": runs}
+    lines = ["# Interrupted", "", "The study did not finish; resume it with `--resume` and "
+             "the same flags. Finished epochs so far:", ""]
+    for run in runs:
+        lines.append(f"- {run['name']}: {run['status']}")
+        for seed in run.get("seeds", []):
+            lines.append(f"  - seed {seed['seed']}: {seed['epochs_finished']} epoch(s), best "
+                         f"val_accuracy so far {seed['best_val_accuracy']:.4f} "
+                         f"(epoch {seed['best_epoch']})")
+    records.write_json(Path(out_dir) / SUMMARY_JSON, summary)
+    records.atomic_write_text(Path(out_dir) / SUMMARY_MD, "\n".join(lines) + "\n")
+    return summary
+
+
+def _seed_so_far(seed: int, rows: list[dict]) -> dict:
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    return {"seed": seed, "epochs_finished": len(rows), "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"]}
+
+
 def find_runs(study_dir: Path) -> list[Path]:
     """The runs of a study folder: its subfolders that a run started in (config.json)."""
     return sorted(p.parent for p in study_dir.glob(f"*/{records.CONFIG_FILE}"))

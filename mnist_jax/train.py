@@ -24,13 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_jax import cli, engine, report, steps
+from mnist_jax import cli, engine, interrupts, records, report, steps
 from mnist_jax import resources
 from mnist_jax.config import ModelConfig, TrainConfig, to_dict
 from mnist_jax.data import Splits
 from mnist_jax.early_stopping import EarlyStopping
+from mnist_jax.errors import UserError
 from mnist_jax.model import CNN, build_model, count_params, init_params
-from mnist_jax.recorder import Recorder, seed_checkpoint_dir
+from mnist_jax.progress import Progress
+from mnist_jax.recorder import Recorder, is_finished, seed_checkpoint_dir
 from mnist_jax.resources import ResourceSampler
 
 INIT_STREAM = 0
@@ -82,16 +84,18 @@ def build_run(model_config: ModelConfig, train_config: TrainConfig, *,
     layout = engine.resolve_layout(train_config.layout, engine_name)
     eval_step = eval_step or functools.partial(steps.eval_step, apply_fn=eval_model.apply)
     epochs = engine.compile_epochs(train_config.batch_size, train_config.eval_batch_size,
-                                   engine_name, layout, train_step, eval_step)
+                                   engine_name, layout, train_step, eval_step,
+                                   train_config.epoch_chunks)
     return Run(model, eval_model, states, epochs)
 
 
 def run_epoch(epochs: engine.Epochs, states, train_split: engine.Split,
-              val_split: engine.Split, active: list[bool]):
+              val_split: engine.Split, active: list[bool], on_chunk=None):
     """One epoch as fit() runs it (the benchmark times this same function): train the
-    active seeds, validate, and fetch both sets of totals in the epoch's one host sync.
+    active seeds, validate, and fetch both sets of totals in the epoch's one host sync
+    (besides waiting for each chunk when `on_chunk` reports progress).
     Returns (states, train_totals, val_totals), the totals as numpy arrays [K]."""
-    states, train_totals = epochs.train(states, train_split, active)
+    states, train_totals = epochs.train(states, train_split, active, on_chunk)
     val_totals, _ = epochs.evaluate(states, val_split)
     train_totals, val_totals = jax.device_get((train_totals, val_totals))
     return states, train_totals, val_totals
@@ -109,6 +113,10 @@ class SeedResult:
     def active(self) -> bool:
         return not self.early_stopping.should_stop and self.diverged_epoch is None
 
+    def active_at(self, epoch: int) -> bool:
+        """Whether this seed trained in `epoch` and did not diverge there."""
+        return self.epochs_run == epoch and self.diverged_epoch is None
+
 
 @dataclass
 class FitResult:
@@ -123,77 +131,141 @@ class FitResult:
 
 
 def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
-        out_dir: str | os.PathLike | None = None, *, name: str = "model",
+        out_dir: str | os.PathLike | records.RunDir | None = None, *, name: str = "model", resume: bool = False,
         train_step: Callable = steps.train_step, eval_step: Callable | None = None, tx=None,
-        log: Callable[[str], None] = cli.log) -> FitResult:
+        log: Callable[[str], None] = cli.log, progress: bool | None = None) -> FitResult:
     """Train `train_config.seeds` seeds with early stopping on `splits.val`; evaluate each
     seed's restored weights once on `splits.test`.
 
     Args:
-      out_dir: where the run's files go (recorder.py); None writes nothing.
+      out_dir: where the run's files go (recorder.py), claimed for this process
+        (records.RunDir; or one already claimed); None writes nothing.
+      resume: continue the run in `out_dir` after its last finished epoch (a new or empty
+        folder starts afresh); refused if that run was started with other settings.
       train_step: `(state, batch, key) -> (state, metrics)`, e.g. another loss.
       eval_step: `(state, batch) -> (metrics, predictions)`, for validation and test.
       tx: an optax optimizer in place of Adam(learning_rate).
       log: receives one line per epoch (and a few notes).
+      progress: progress bars (tqdm, on stderr); None: when stderr is a terminal.
+
+    A SIGINT or SIGTERM (interrupts.py) stops it at the next chunk of steps by raising
+    interrupts.Interrupted; every finished epoch is on disk and resumable by then.
     """
     cfg = train_config
-    run = build_run(model_config, cfg, train_step=train_step, eval_step=eval_step, tx=tx)
-    states = run.states
-    num_params = count_params(engine.seed_slice(states.params, 0))
-    train_split, val_split = engine.to_device(*splits.train), engine.to_device(*splits.val)
-    recorder = Recorder(out_dir, cfg.seed_values)
-    recorder.write_config(run_description(run, cfg, num_params, name, splits))
-    seeds = [SeedResult(seed, EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
-                                            min_delta=cfg.min_delta))
-             for seed in cfg.seed_values]
-    best = jax.tree.map(jnp.copy, states)  # per seed, the state of its best epoch so far
-    history: list[dict] = []
-    log(describe_start(name, run, cfg, num_params, splits))
-    sampler = ResourceSampler(cfg.resource_interval_s)
+    recorder = Recorder(out_dir, cfg.seed_values, resume=resume)
+    sampler = None
     try:
-        log(f"[{name}] {sampler.gpu_note}")
-        for epoch in range(1, cfg.epochs + 1):
-            active = [s.active for s in seeds]
-            if not any(active):
-                break
-            cli.progress(f"[{name}] epoch {epoch}/{cfg.epochs} running...")
-            sampler.begin_epoch()
-            start = time.perf_counter()
-            states, train_totals, val_totals = run_epoch(run.epochs, states, train_split,
-                                                         val_split, active)
-            shared = {"epoch_time_s": time.perf_counter() - start,
-                      "seeds_trained": sum(active), **sampler.end_epoch()}
-            rows = [end_of_epoch(seeds[i], epoch, cfg.monitor, train_totals, val_totals, i,
-                                 shared) for i in np.flatnonzero(active)]
-            improved = [active[i] and seed.early_stopping.improved
-                        and seed.diverged_epoch is None for i, seed in enumerate(seeds)]
-            if any(improved):
-                # A copy: the next epoch donates (and so invalidates) the states' buffers.
-                best = engine.keep_best(best, states, jnp.asarray(improved))
-                for i in np.flatnonzero(improved):
-                    row = next(r for r in rows if r["seed"] == seeds[i].seed)
-                    recorder.save_best(seeds[i].seed, epoch, engine.seed_slice(states, i), {
-                        k: row[k] for k in ("train_loss", "train_accuracy", "val_loss",
-                                            "val_accuracy")})
-            history += rows
-            recorder.write_history(history)
-            log(format_epoch(name, epoch, cfg.epochs, rows, sampler.has_gpu))
-            for i in np.flatnonzero(active):
-                log_stop(log, name, seeds[i], epoch, cfg.monitor, len(seeds) > 1)
+        with interrupts.deferred():  # a signal waits for the next check(): never mid-JAX
+            run = build_run(model_config, cfg, train_step=train_step, eval_step=eval_step, tx=tx)
+            num_params = count_params(engine.seed_slice(run.states.params, 0))
+            description = run_description(run, cfg, num_params, name, splits)
+            if resume:
+                recorder.check_resumable(description)
+            recorder.write_config(description)
+            seeds = [SeedResult(seed, EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
+                                                    min_delta=cfg.min_delta))
+                     for seed in cfg.seed_values]
+            states = run.states
+            best = jax.tree.map(jnp.copy, states)  # per seed, the state of its best epoch so far
+            done, history = 0, []
+            if resume:
+                done, states, best, history = resume_run(recorder, seeds, states, best, cfg.monitor)
+            log(describe_start(name, run, cfg, num_params, splits)
+                + (f"; resuming after epoch {done}" if done else ""))
+            train_split, val_split = engine.to_device(*splits.train), engine.to_device(*splits.val)
+            sampler = ResourceSampler(cfg.resource_interval_s)
+            log(f"[{name}] {sampler.gpu_note}")
+            bars = Progress(name, cfg.epochs, done, progress)
+            for epoch in range(done + 1, cfg.epochs + 1):
+                interrupts.check()
+                active = [s.active for s in seeds]
+                if not any(active):
+                    break
+                sampler.begin_epoch()
+                start = time.perf_counter()
+                states, train_totals, val_totals = run_epoch(
+                    run.epochs, states, train_split, val_split, active,
+                    on_chunk=bars.epoch_started(epoch, sum(active) * engine.steps_per_epoch(
+                        train_split.size, cfg.batch_size)))
+                shared = {"epoch_time_s": time.perf_counter() - start,
+                          "seeds_trained": sum(active), **sampler.end_epoch()}
+                rows = [end_of_epoch(seeds[i], epoch, cfg.monitor, train_totals, val_totals, i,
+                                     shared) for i in np.flatnonzero(active)]
+                best = keep_best(recorder, seeds, rows, epoch, states, best)
+                history += rows
+                recorder.write_history(history)
+                recorder.save_latest(epoch, states, best)  # the epoch is finished on disk
+                bars.epoch_ended()
+                log(format_epoch(name, epoch, cfg.epochs, rows, sampler.has_gpu))
+                for i in np.flatnonzero(active):
+                    log_stop(log, name, seeds[i], epoch, cfg.monitor, len(seeds) > 1)
+            bars.close()
+            sampler.close()
+            final = best if cfg.restore_best_weights else states
+            evaluate_test(run, final, splits, seeds, recorder)
+            recorder.write_result({
+                "name": name,
+                "monitor": cfg.monitor,
+                "validation": splits.validation,
+                "restored_best_weights": cfg.restore_best_weights,
+                "seeds": [seed_record(s) for s in seeds],
+            })
     finally:
-        sampler.close()
+        if sampler is not None:
+            sampler.close()
         recorder.close()
-
-    final = best if cfg.restore_best_weights else states
-    evaluate_test(run, final, splits, seeds, recorder)
-    recorder.write_result({
-        "name": name,
-        "monitor": cfg.monitor,
-        "validation": splits.validation,
-        "restored_best_weights": cfg.restore_best_weights,
-        "seeds": [seed_record(s) for s in seeds],
-    })
     return FitResult(final, history, seeds, num_params)
+
+
+def keep_best(recorder: Recorder, seeds: list[SeedResult], rows: list[dict], epoch: int,
+              states, best):
+    """The best states after `epoch`: the improved seeds' new states, kept in memory (a
+    copy, since the next epoch donates `states`) and saved as their best checkpoints."""
+    improved = [s.active_at(epoch) and s.early_stopping.improved for s in seeds]
+    if not any(improved):
+        return best
+    best = engine.keep_best(best, states, jnp.asarray(improved))
+    for i in np.flatnonzero(improved):
+        row = next(r for r in rows if r["seed"] == seeds[i].seed)
+        recorder.save_best(seeds[i].seed, epoch, engine.seed_slice(states, i),
+                           {k: row[k] for k in BEST_METRICS})
+    return best
+
+
+BEST_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def resume_run(recorder: Recorder, seeds: list[SeedResult], states, best, monitor: str):
+    """Where an earlier run in the recorder's folder stopped: (epochs done, states, best,
+    history). Early stopping is rebuilt by replaying history.csv through the same pure
+    updates, so it is exactly the state the run had; history rows of an epoch that did not
+    finish (written before its latest checkpoint) are dropped, and each seed's best
+    checkpoint is made to match its best epoch."""
+    point = recorder.latest(states, best)
+    done, states, best = point if point is not None else (0, states, best)
+    history = [row for row in recorder.read_history() if row["epoch"] <= done]
+    by_seed = {s.seed: s for s in seeds}
+    for row in history:
+        seed = by_seed.get(row["seed"])
+        if seed is None:
+            raise UserError(f"cannot resume: {recorder.out}/history.csv has seed "
+                            f"{row['seed']}, not one of {list(by_seed)}")
+        end_of_epoch(seed, row["epoch"], monitor, *replay_totals(row), 0, {})
+    for i, seed in enumerate(seeds):
+        rows = {r["epoch"]: r for r in history if r["seed"] == seed.seed}
+        epoch = seed.early_stopping.best_epoch
+        recorder.keep_only_best(seed.seed, epoch, engine.seed_slice(best, i),
+                                {k: rows[epoch][k] for k in BEST_METRICS} if epoch else {})
+    recorder.write_history(history)
+    return done, states, best, history
+
+
+def replay_totals(row: dict):
+    """Totals that end_of_epoch turns back into `row`'s means (count 1: exact)."""
+    one = lambda prefix: {"loss_sum": np.array([row[f"{prefix}_loss"]]),  # noqa: E731
+                          "correct": np.array([row[f"{prefix}_accuracy"]]),
+                          "count": np.array([1.0])}
+    return one("train"), one("val")
 
 
 def end_of_epoch(seed: SeedResult, epoch: int, monitor: str, train_totals, val_totals,
@@ -317,14 +389,23 @@ def main(argv=None) -> int:
     def run():
         model_config = cli.model_config(args, ModelConfig(conv_features=args.conv))
         train_config = cli.train_config(args)
-        out = cli.check_out_dir(args.out, args.default_out)
-        splits = cli.load_splits(args)
         name = "conv" + "-".join(map(str, model_config.conv_features))
-        result = fit(model_config, train_config, splits, out, name=name)
-        summary = report.write_study_report(out, [out])
-        print(report.format_text(summary))
-        print(f"wrote {out}")
-        cli.check_finite([(name, result.diverged)])
+        claim = cli.claim_out(args)
+        with claim as out:
+            try:
+                if args.resume and is_finished(out):
+                    cli.log(f"[{name}] finished in an earlier run: kept")
+                else:
+                    fit(model_config, train_config, cli.load_splits(args), claim, name=name,
+                        resume=args.resume)
+            except interrupts.Interrupted:
+                report.write_interrupted_summary(out, [out])
+                cli.log(f"resume with: {cli.resume_command(args, out)}")
+                raise
+            summary = report.write_study_report(out, [out])
+            print(report.format_text(summary))
+            print(f"wrote {out}")
+            cli.check_finite([(name, report.diverged_seeds(out))])
 
     return cli.run_main(run)
 

@@ -124,7 +124,7 @@ def test_epochs_shuffle_differently_and_resume_from_the_state_alone(tiny):
 @pytest.mark.parametrize("engine_name", ["scan", "loop"])
 def test_epochs_compile_once(tiny, engine_name):
     _, _, train_epoch = _two_epochs(tiny, engine_name)
-    jitted = train_epoch.step_fn if engine_name == "loop" else train_epoch
+    jitted = train_epoch.step_fn
     assert jitted._cache_size() == 1
 
 

@@ -168,7 +168,7 @@ def test_an_unusable_output_folder_is_one_line(mnist_path, tmp_path):
     proc = _run("-m", "mnist_jax.train", "--data-dir", str(mnist_path), "--train-limit", "64",
                 "--epochs", "1", "--out", "/proc/mnist_jax_cannot_write_here")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: cannot create run folder /proc/mnist_jax_cannot_write_here")
+    assert proc.stderr.startswith("error: cannot create --out /proc/mnist_jax_cannot_write_here")
 
 
 def test_a_used_output_folder_is_refused_and_kept(tmp_path):

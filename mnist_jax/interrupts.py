@@ -1,0 +1,97 @@
+"""Ctrl-C and SIGTERM as a request to stop, honoured where stopping is safe.
+
+Python runs a signal handler between bytecodes of the main thread, so a plain
+KeyboardInterrupt can land inside JAX's tracing or dispatch, or inside an Orbax save, and
+leave the process to crash on exit (a segmentation fault after Ctrl-C during compilation
+was seen). Here the first SIGINT or SIGTERM inside a `deferred()` region (all of fit())
+only records the request; the training loop calls `check()` between chunks of steps and
+between epochs, where everything finished is on disk, and stops there by raising
+`Interrupted`. Outside such regions (data loading, report writing, whose writes are
+atomic) the handler raises `Interrupted` at once. A second signal exits at once, with
+the same status and no traceback: every file already written is complete.
+
+Exit statuses follow the shell's convention: 128 + the signal number (130 for SIGINT,
+143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A stop requested by SIGINT or SIGTERM. A BaseException, as KeyboardInterrupt, so
+    an `except Exception` on the way does not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+_requested: int | None = None  # the first signal received, if any
+_deferring = 0  # depth of nested deferred() regions
+
+
+def _handle(signum, frame):
+    global _requested
+    if _requested is not None:  # the second signal: stop now, without a traceback
+        sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now; the files "
+                         f"already written are complete\n")
+        sys.stderr.flush()
+        os._exit(128 + _requested)
+    _requested = signum
+    if _deferring:
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping at the next safe point "
+                         f"(a few seconds at most; again to exit at once)\n")
+        sys.stderr.flush()
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handled():
+    """Install the handlers for SIGINT and SIGTERM (main thread only), restore on exit."""
+    global _requested
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _handle) for s in SIGNALS}
+    _requested = None
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _requested = None
+
+
+@contextlib.contextmanager
+def deferred():
+    """A region where a signal waits for the next check() instead of raising at once."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    check()  # reached only when the region ended normally
+
+
+def check() -> None:
+    """Raise Interrupted if a stop has been requested."""
+    if _requested is not None:
+        raise Interrupted(_requested)
+
+
+def requested() -> int | None:
+    return _requested

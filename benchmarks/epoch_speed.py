@@ -49,6 +49,7 @@ from mnist_jax import data as data_lib
 from mnist_jax.config import CONV_IMPLS, ENGINES, LAYOUTS, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.model import count_params
+from mnist_jax.progress import Progress
 from mnist_jax.resources import jax_peak_bytes
 from mnist_jax.resources import cpu_model, package_versions
 from mnist_jax.train import Run, build_run, run_epoch
@@ -103,27 +104,42 @@ class JaxRun:
     train_split: engine.Split
     val_split: engine.Split
     num_params: int
+    bar: bool = False  # fit()'s progress bars drawn (on stderr) during the epoch
+    steps: int = 0  # training steps per epoch, all seeds together (the bar's total)
 
 
-def build_jax_run(conv_features, seeds: int, args, splits) -> JaxRun:
+# --progress: the epoch with fit()'s progress bar, and as one call, beside the plain epoch
+# (TrainConfig.epoch_chunks calls, no bar). Contestant name suffix -> (chunks, bar).
+PROGRESS_MODES = {"": (None, False), "+bar": (None, True), "-1call": (1, False)}
+
+
+def build_jax_run(conv_features, seeds: int, args, splits, mode: str = "") -> JaxRun:
     """The project's own wiring, exactly as fit() builds it (train.build_run)."""
+    chunks, bar = PROGRESS_MODES[mode]
     model_config = ModelConfig(conv_features=conv_features, conv_impl=args.conv_impl,
                                pool_impl=args.pool_impl)
     train_config = TrainConfig(seed=SEED, seeds=seeds, layout=args.layout,
-                               batch_size=args.batch_size, engine=args.engine)
+                               batch_size=args.batch_size, engine=args.engine,
+                               epoch_chunks=chunks or TrainConfig().epoch_chunks)
     run = build_run(model_config, train_config)
     return JaxRun(seeds, run, run.states, splits[0], splits[1],
-                  count_params(engine.seed_slice(run.states.params, 0)))
+                  count_params(engine.seed_slice(run.states.params, 0)), bar,
+                  seeds * engine.steps_per_epoch(splits[0].size, args.batch_size))
 
 
 def time_jax_epoch(jr: JaxRun) -> dict:
     """One fit() epoch (train + validation of every seed), timed up to the host holding
-    both sets of totals: train.run_epoch, the function fit() calls."""
+    both sets of totals: train.run_epoch, the function fit() calls (with its progress
+    bars when `jr.bar`)."""
+    bars = Progress("bench", 1, enabled=True) if jr.bar else None
     start = time.perf_counter()
-    jr.states, train_totals, val_totals = run_epoch(jr.run.epochs, jr.states, jr.train_split,
-                                                    jr.val_split, [True] * jr.seeds)
+    jr.states, train_totals, val_totals = run_epoch(
+        jr.run.epochs, jr.states, jr.train_split, jr.val_split, [True] * jr.seeds,
+        on_chunk=bars.epoch_started(1, jr.steps) if bars else None)
     jax.block_until_ready(jr.states)  # a no-op once the totals are here; kept for safety
     seconds = time.perf_counter() - start
+    if bars:
+        bars.close()
     # Seed 0's metrics: the same seed at every seed count, so runs can be compared.
     return {"seconds": seconds, **engine.per_seed_means("train", train_totals)[0],
             **engine.per_seed_means("val", val_totals)[0]}
@@ -192,8 +208,8 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / MB
 
 
-def contestant_name(seeds: int) -> str:
-    return "jax" if seeds == 1 else f"jax-{seeds}seeds"
+def contestant_name(seeds: int, mode: str = "") -> str:
+    return ("jax" if seeds == 1 else f"jax-{seeds}seeds") + mode
 
 
 def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
@@ -205,7 +221,10 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
     keras_models: dict[str, Any] = {}
     splits = (engine.to_device(*dataset.train), engine.to_device(*dataset.test))
     k_train, k_test = keras_arrays(dataset) if keras is not None else (None, None)
-    contestants = ([contestant_name(k) for k in args.seeds] if "jax" in args.frameworks else [])
+    modes = tuple(PROGRESS_MODES) if args.progress else ("",)
+    jax_contestants = {contestant_name(k, m): (k, m) for k in args.seeds for m in modes
+                       if not m or k == 1}  # --progress: modes at one seed only
+    contestants = list(jax_contestants) if "jax" in args.frameworks else []
     contestants += ["keras"] if keras is not None else []
 
     def timed_epoch(variant, contestant, phase, round_):
@@ -227,10 +246,9 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
         return row
 
     for variant in args.variants:
-        for seeds in (args.seeds if "jax" in args.frameworks else ()):
-            jax_runs[variant, contestant_name(seeds)] = build_jax_run(
-                VARIANTS[variant], seeds, args, splits)
-            timed_epoch(variant, contestant_name(seeds), "warmup", 0)
+        for name, (seeds, mode) in (jax_contestants.items() if "jax" in args.frameworks else ()):
+            jax_runs[variant, name] = build_jax_run(VARIANTS[variant], seeds, args, splits, mode)
+            timed_epoch(variant, name, "warmup", 0)
         if keras is not None:
             keras.utils.set_random_seed(SEED)
             keras_models[variant] = build_keras_model(keras, VARIANTS[variant])
@@ -288,9 +306,12 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
         out["ratio_jax_over_keras"] = out["jax"]["median_s"] / out["keras"]["median_s"]
     if "jax" in out:
         for contestant in out:
-            if contestant.startswith("jax-"):
+            if contestant.startswith("jax-") and contestant.endswith("seeds"):
                 out[contestant]["ratio_over_one_seed"] = (out[contestant]["median_s"]
                                                           / out["jax"]["median_s"])
+            elif contestant.startswith("jax") and contestant != "jax":
+                out[contestant]["ratio_over_jax"] = (out[contestant]["median_s"]
+                                                     / out["jax"]["median_s"])
     return out
 
 
@@ -334,7 +355,7 @@ def versions() -> dict:
 
 def format_table(summary: dict, on_gpu: bool) -> str:
     head = ["variant", "framework", "seeds", "median s/epoch", "min s", "max s", "images/s",
-            "compile s", "first epoch s", "jax/keras", "x one seed", "peak RSS MB"]
+            "compile s", "first epoch s", "jax/keras", "x one seed", "x jax", "peak RSS MB"]
     if on_gpu:
         head.append("JAX device peak MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -350,6 +371,7 @@ def format_table(summary: dict, on_gpu: bool) -> str:
                      f"{s['first_epoch_s']:.2f}",
                      f"{ratio:.2f}" if ratio is not None and contestant == "jax" else "",
                      f"{over_one:.2f}" if over_one is not None else "",
+                     f"{s['ratio_over_jax']:.3f}" if "ratio_over_jax" in s else "",
                      f"{s['rss_mb_peak']:,.0f}"]
             if on_gpu:
                 peak = s.get("device_peak_mb")
@@ -438,6 +460,10 @@ def parse_args(argv):
                              f"(default: {DEFAULT_EPOCHS}; --tiny: {TINY_EPOCHS})")
     parser.add_argument("--seeds", type=seed_counts, default=(1,),
                         help="comma-separated seed counts to time JAX at, e.g. 1,3 (default: 1)")
+    parser.add_argument("--progress", action="store_true",
+                        help="also time one seed's epoch with fit()'s progress bars drawn "
+                             "(jax+bar) and as one compiled call (jax-1call), beside the "
+                             f"plain epoch of {TrainConfig().epoch_chunks} chunks (jax)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="how JAX's seeds share the device, as TrainConfig.layout (default: auto)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
@@ -493,7 +519,8 @@ def main(argv=None) -> int:
                          "eval_batch_size_keras": args.batch_size,  # fit()'s default
                          "epochs": args.epochs, "warmup_epochs": 1, "seed": SEED,
                          "engine": args.engine, "layout": args.layout,
-                         "seeds": list(args.seeds), "conv_impl": args.conv_impl,
+                         "seeds": list(args.seeds), "progress": args.progress,
+                         "epoch_chunks": TrainConfig().epoch_chunks, "conv_impl": args.conv_impl,
                          "pool_impl": args.pool_impl, "variants": list(args.variants),
                          "frameworks": list(args.frameworks),
                          "keras_unavailable": keras_unavailable},

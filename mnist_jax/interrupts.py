@@ -51,8 +51,8 @@ def _handle(signum, frame):
         os._exit(128 + _requested)
     _requested = signum
     if _deferring:
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping at the next safe point "
-                         f"(a few seconds at most; again to exit at once)\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current chunk "
+                         f"of steps or save (again to exit at once)\n")
         sys.stderr.flush()
         return
     raise Interrupted(signum)
@@ -60,7 +60,10 @@ def _handle(signum, frame):
 
 @contextlib.contextmanager
 def handled():
-    """Install the handlers for SIGINT and SIGTERM (main thread only), restore on exit."""
+    """Install the handlers for SIGINT and SIGTERM (main thread only), restored on exit.
+    After a signal the two are ignored instead: the process is about to exit with its
+    status, and Python's shutdown would otherwise let another signal kill it (or raise
+    KeyboardInterrupt) on the way out."""
     global _requested
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -71,8 +74,7 @@ def handled():
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
-        _requested = None
+            signal.signal(s, handler if _requested is None else signal.SIG_IGN)
 
 
 @contextlib.contextmanager

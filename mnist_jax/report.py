@@ -118,9 +118,11 @@ def _summary(run: dict) -> dict:
            for key in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs_run")},
         "epochs": len(epochs),
         "first_epoch_s": times[0],
+        # Epochs that compiled (the first, and the first after each --resume) left out.
         # Epoch 1 includes compilation; the steady state is the later epochs. An epoch's
         # time covers every seed trained in it.
-        "mean_epoch_s": statistics.fmean(times[1:] if len(times) > 1 else times),
+        "mean_epoch_s": statistics.fmean(
+            [r["epoch_time_s"] for r in epochs[1:] if not r.get("compiled")] or times),
         "backend": config["backend"],
         "device": ((config.get("host") or {}).get("cpu_model") or "CPU"
                    if config["backend"] == "cpu" else config["devices"][0]),

@@ -188,6 +188,7 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
                     on_chunk=bars.epoch_started(epoch, sum(active) * engine.steps_per_epoch(
                         train_split.size, cfg.batch_size)))
                 shared = {"epoch_time_s": time.perf_counter() - start,
+                          "compiled": epoch == done + 1,  # this process's first: compiles
                           "seeds_trained": sum(active), **sampler.end_epoch()}
                 rows = [end_of_epoch(seeds[i], epoch, cfg.monitor, train_totals, val_totals, i,
                                      shared) for i in np.flatnonzero(active)]

@@ -45,6 +45,26 @@ def test_seed_i_of_a_k_seed_run_is_the_one_seed_run_with_seed_i(tiny, layout, ex
                               states.params["conv0"]["kernel"][1])  # seeds differ
 
 
+@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
+def test_an_epoch_in_chunks_is_the_epoch_in_one_call(tiny, layout):
+    """Progress bars and interrupts split the epoch into calls of one compiled loop; the
+    split must not change a bit: the same steps, keys and order (16 steps in 1 or 5
+    uneven chunks, and one chunk per step), every chunk reported once, in order."""
+    train, val = engine.to_device(*tiny.train), engine.to_device(*tiny.test)
+    results = {}
+    for chunks in (1, 5, 16):
+        run = build_run(SMALL, TrainConfig(seed=3, seeds=2, layout=layout, epoch_chunks=chunks))
+        reported = []
+        states, totals, _ = run_epoch(run.epochs, run.states, train, val, [True, True],
+                                      on_chunk=reported.append)
+        assert sum(reported) == 2 * 16 and len(reported) == chunks * (
+            2 if layout == "sequential" else 1)
+        results[chunks] = (jax.device_get(states), totals)
+    for chunks in (5, 16):
+        for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[chunks])):
+            np.testing.assert_array_equal(a, b)
+
+
 def _keras_stop_epoch(values, patience):
     """Keras 3's rule, written out: the first epoch always improves; a strict improvement
     resets the wait; stop at the end of the epoch where the wait reaches patience."""

@@ -1,0 +1,296 @@
+"""Long runs you can trust: kill and resume, Ctrl-C and SIGTERM, one run per folder,
+progress bars. Each test drives the real command in a subprocess, as a user would, and
+compares with one uninterrupted run of the same command."""
+
+import os
+import fcntl
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mnist_jax import records
+from mnist_jax.recorder import LATEST_DIR
+
+from conftest import REPO
+
+pytestmark = pytest.mark.mnist
+
+# Two seeds of a small model on 480 images, 3 epochs: every code path of a long run, in
+# seconds. Patience 1 lets seeds stop at different epochs.
+FLAGS = ["--conv", "8,16", "--seeds", "2", "--epochs", "3", "--train-limit", "480",
+         "--patience", "1"]
+SAME = ("epoch", "seed", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+        "improved", "diverged")  # history columns that must not depend on interruptions
+
+
+def _command(mnist_path, out, *extra):
+    return [sys.executable, "-m", "mnist_jax.train", "--data-dir", str(mnist_path), *FLAGS,
+            "--out", str(out), *extra]
+
+
+def _run(cmd, **kwargs):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def _driver(tmp_path, mnist_path, out, patch: str) -> list[str]:
+    """A command that runs mnist_jax.train after `patch` (Python source) has run."""
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(patch) + textwrap.dedent(f"""
+        import sys
+import termios
+        from mnist_jax import train
+        sys.exit(train.main({_command(mnist_path, out)[3:]!r}))
+    """))
+    return [sys.executable, str(script)]
+
+
+def _until_line(cmd, text: str, sig: int):
+    """Start `cmd`, send `sig` once a stdout line contains `text`; (returncode, out, err)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + out, err
+
+
+def _files(run):
+    """The run's own files and their bytes (not the lock, which names its last holder)."""
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def _history(run):
+    return [{k: row[k] for k in SAME} for row in records.read_history(run / records.HISTORY_FILE)]
+
+
+def _best_params(run):
+    result = records.read_json(run / records.RESULT_FILE)
+    return [ocp.StandardCheckpointer().restore(run / s["best_checkpoint"] / "default")["params"]
+            for s in result["seeds"]]
+
+
+def assert_same_run(run, reference):
+    """Identical history, result and summary numbers, bit-identical best parameters."""
+    assert _history(run) == _history(reference)
+    assert records.read_json(run / records.RESULT_FILE) == \
+        records.read_json(reference / records.RESULT_FILE)
+    summary, expected = (records.read_json(d / "summary.json") for d in (run, reference))
+    for key in ("test_accuracy", "best_val_accuracy", "best_epoch", "epochs_run"):
+        assert summary["variants"][0][key] == expected["variants"][0][key]
+    for a, b in zip(_best_params(run), _best_params(reference)):
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def assert_clean_exit(returncode, err, expected):
+    assert returncode == expected, err
+    assert "Traceback" not in err and "Segmentation" not in err and "Fatal" not in err, err
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_path, tmp_path_factory):
+    """The uninterrupted run every interrupted one must equal."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = _run(_command(mnist_path, out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
+        reference, mnist_path, tmp_path):
+    out = tmp_path / "run"
+    rc, _, _ = _until_line(_command(mnist_path, out), "epoch 2/3", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert not (out / records.RESULT_FILE).exists()
+    before = _files(out)
+
+    # Another model, seed count or data slice: refused in one line, nothing touched.
+    for flag, value in (("--seeds", "3"), ("--conv", "8,8"), ("--train-limit", "960")):
+        cmd = _command(mnist_path, out, "--resume")
+        cmd[cmd.index(flag) + 1] = value
+        proc = _run(cmd)
+        assert_clean_exit(proc.returncode, proc.stderr, 2)
+        assert proc.stderr.startswith("error: cannot resume") and "other settings" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert _files(out) == before
+
+    proc = _run(_command(mnist_path, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 2" in proc.stdout
+    assert_same_run(out, reference)
+
+    # Resuming a finished run changes nothing but the report.
+    proc = _run(_command(mnist_path, out, "--resume"))
+    assert proc.returncode == 0 and "finished in an earlier run" in proc.stdout
+    assert_same_run(out, reference)
+
+
+def test_sigkill_during_a_checkpoint_save_leaves_it_ignored_and_resume_is_exact(
+        reference, mnist_path, tmp_path):
+    """Killed after Orbax wrote epoch 2's latest checkpoint into its temporary folder but
+    before the rename that completes it: the torn save is ignored and removed, epoch 2 is
+    trained again, and the run ends as if never killed."""
+    out = tmp_path / "run"
+    patch = """
+        import os, signal
+        from orbax.checkpoint._src.path import atomicity
+        finalize = atomicity.AtomicRenameTemporaryPath.finalize
+        async def killed_midway(self, *args, **kwargs):
+            if self._final_path.parent.name == "latest" and self._final_path.name == "2":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await finalize(self, *args, **kwargs)
+        atomicity.AtomicRenameTemporaryPath.finalize = killed_midway
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    latest = out / LATEST_DIR
+    assert sorted(p.name for p in latest.iterdir() if p.name.isdigit()) == ["1"]
+    assert any(".orbax-checkpoint-tmp" in p.name for p in latest.iterdir())  # the torn save
+    assert {r["epoch"] for r in records.read_history(out / records.HISTORY_FILE)} == {1, 2}
+
+    proc = _run(_command(mnist_path, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stdout
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in latest.iterdir())
+    assert_same_run(out, reference)
+
+
+def test_ctrl_c_during_a_checkpoint_save_stops_cleanly_and_resumes(
+        reference, mnist_path, tmp_path):
+    out = tmp_path / "run"
+    patch = """
+        import os, signal
+        from mnist_jax import checkpointing
+        save = checkpointing.BestCheckpoint.save
+        sent = []
+        def interrupted_save(self, epoch, state, metrics):
+            if not sent:  # one Ctrl-C, arriving while the first save runs
+                sent.append(os.kill(os.getpid(), signal.SIGINT))
+            return save(self, epoch, state, metrics)
+        checkpointing.BestCheckpoint.save = interrupted_save
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch))
+    assert_clean_exit(proc.returncode, proc.stderr, 130)
+    assert "interrupted (SIGINT)" in proc.stderr and "--resume" in proc.stdout
+    summary = records.read_json(out / "summary.json")
+    assert summary["status"] == "interrupted"
+    assert [s["epochs_finished"] for s in summary["runs"][0]["seeds"]] == [1, 1]
+    assert sorted(p.name for p in (out / LATEST_DIR).iterdir()) == ["1"]
+
+    proc = _run(_command(mnist_path, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(out, reference)
+
+
+def test_ctrl_c_during_the_first_compilation_exits_130_without_a_traceback(mnist_path, tmp_path):
+    out = tmp_path / "run"
+    # The start line is printed just before the first epoch compiles (several seconds).
+    rc, stdout, err = _until_line(_command(mnist_path, out), "parameters", signal.SIGINT)
+    assert_clean_exit(rc, err, 130)
+    assert "interrupted (SIGINT)" in err
+    assert records.read_json(out / "summary.json")["status"] == "interrupted"
+    assert not (out / LATEST_DIR).exists() or not any((out / LATEST_DIR).iterdir())
+
+
+def test_sigterm_stops_like_ctrl_c_with_status_143(mnist_path, tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, err = _until_line(_command(mnist_path, out), "epoch 1/3", signal.SIGTERM)
+    assert_clean_exit(rc, err, 143)
+    assert "interrupted (SIGTERM)" in err and "resume with:" in stdout
+    assert records.read_json(out / "summary.json")["status"] == "interrupted"
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(mnist_path, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(mnist_path, out), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "parameters" in line:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert_clean_exit(proc.returncode, err, 130)
+
+
+def test_two_runs_started_together_into_one_folder_leave_one_consistent_run(
+        mnist_path, tmp_path):
+    out = tmp_path / "run"
+    procs = [subprocess.Popen(_command(mnist_path, out) + ["--seed", str(seed)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (0, 7)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    winner = [seed for seed, (rc, _) in zip((0, 7), results) if rc == 0][0]
+    refusal = [err for rc, err in results if rc == 2][0]
+    assert refusal.startswith("error: --out") and (
+        "in use by another run" in refusal or "already holds files" in refusal), refusal
+    config = records.read_json(out / records.CONFIG_FILE)
+    assert config["train"]["seed"] == winner
+    assert {row["seed"] for row in records.read_history(out / records.HISTORY_FILE)} == \
+        {winner, winner + 1}
+
+
+def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path):
+    paths = [records.new_run_dir(tmp_path) for _ in range(3)]
+    assert len(set(paths)) == 3 and all(p.is_dir() for p in paths)
+
+
+def test_resume_needs_a_folder_that_holds_a_run(mnist_path, tmp_path):
+    for args, message in ((["--resume"], "--resume needs --out"),
+                          (["--resume", "--out", str(tmp_path)], "holds no run to continue")):
+        cmd = [sys.executable, "-m", "experiments.depth_study", "--data-dir", str(mnist_path),
+               *args]
+        proc = _run(cmd)
+        assert_clean_exit(proc.returncode, proc.stderr, 2)
+        assert message in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_pipe(mnist_path, tmp_path):
+    cmd = _command(mnist_path, tmp_path / "tty")
+    terminal, child_end = pty.openpty()
+    # A terminal 120 columns wide (a new pseudo-terminal has 0, where tqdm draws nothing).
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=child_end, stdout=child_end, stderr=child_end)
+    os.close(child_end)
+    output = b""
+    while True:
+        ready, _, _ = select.select([terminal], [], [], 300)
+        try:
+            chunk = os.read(terminal, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        output += chunk
+    os.close(terminal)
+    status = proc.wait(timeout=60)
+    text = output.decode(errors="replace")
+    assert status == 0, text[-2000:]
+    assert "step/s" in text and "%|" in text  # tqdm's steps bar: rate and bar
+    assert "epochs" in text
+
+    piped = _run(_command(mnist_path, tmp_path / "pipe"))
+    assert piped.returncode == 0
+    assert "%|" not in piped.stdout + piped.stderr and "\r" not in piped.stdout
+    epochs_run = max(s["epochs_run"] for s in
+                     records.read_json(tmp_path / "pipe" / records.RESULT_FILE)["seeds"])
+    assert sum(line.startswith("[conv8-16] epoch ") for line in piped.stdout.splitlines()) \
+        == epochs_run

@@ -1,8 +1,13 @@
-"""The compiled epoch: data resident on the device, batches gathered there, no host syncs.
+"""The compiled epoch: data resident on the device, batches gathered there, no per-step
+host syncs.
 
-`scan_epoch` is the pure epoch, `(state, split) -> (state, totals)`; `compile_epochs` is the
-one place where it meets jit, vmap over seeds and donation, and returns the `Epochs` that
-fit() and the benchmark run on a state with a leading seed axis. `make_train_epoch` and
+`run_steps` is the pure chunk of an epoch (a loop over steps start..stop) and `scan_epoch`
+the pure whole epoch; `compile_epochs` is the one place where they meet jit, vmap over
+seeds and donation, and returns the `Epochs` that fit() and the benchmark run on a state
+with a leading seed axis. An epoch runs as a few dozen calls of one compiled chunk program
+(TrainConfig.epoch_chunks): between chunks the host moves the progress bar and honours an
+interrupt, waiting for chunk j only once chunk j + 1 is queued; the results are bit for
+bit those of one call (tested). `make_train_epoch` and
 `make_evaluate` compile one seed's epoch and validation pass. Totals are device scalars
 (loss_sum, correct, count) that the host divides once per epoch.
 
@@ -11,7 +16,7 @@ Every key derives from the state: dropout from (state.rng, step), the shuffle fr
 therefore draws exactly the same numbers as one that never stopped.
 
 Two engines compute the same thing:
-- "scan": the whole epoch is one XLA program (`lax.scan` over the batches). No per-step
+- "scan": the steps of a chunk are one XLA program (a loop over the batches). No per-step
   launch or dispatch cost; what GPUs want.
 - "loop": one jitted step per batch, dispatched from Python; the step finds its batch from
   state.step, so nothing is copied from the host per step. XLA:CPU runs some ops (its

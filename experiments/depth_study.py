@@ -24,7 +24,7 @@ import sys
 
 from mnist_jax import cli, interrupts, report
 from mnist_jax.config import ModelConfig
-from mnist_jax.recorder import is_finished
+from mnist_jax.recorder import check_same_settings, is_finished
 from mnist_jax.train import fit
 
 VARIANTS = {
@@ -39,11 +39,13 @@ def study(args, train_config, out) -> None:
     splits = cli.load_splits(args)
     diverged = []
     for name, model_config in VARIANTS.items():
+        model_config = cli.model_config(args, model_config)
         if args.resume and is_finished(out / name):
+            check_same_settings(out / name, model_config, train_config, splits)
             cli.log(f"[{name}] finished in an earlier run: kept")
             diverged.append((name, report.diverged_seeds(out / name)))
             continue
-        result = fit(cli.model_config(args, model_config), train_config, splits, out / name,
+        result = fit(model_config, train_config, splits, out / name,
                      name=name, resume=args.resume)
         diverged.append((name, result.diverged))
     summary = report.write_study_report(out, [out / name for name in VARIANTS])

@@ -195,5 +195,9 @@ def log(line: str) -> None:
     """Print a line to stdout, above any progress bars (tqdm clears and redraws them)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(line, file=sys.stdout)
-    sys.stdout.flush()
+    try:
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    except OSError as e:  # a full disk under a redirected log, a closed pipe
+        raise UserError(f"cannot write the log to stdout: {e.strerror or e} (the run's "
+                        f"files so far are saved; --resume continues it)") from None

@@ -26,12 +26,11 @@ import numpy as np
 
 from mnist_jax import records
 from mnist_jax.checkpointing import BestCheckpoint, LatestCheckpoint
+from mnist_jax.config import to_dict
 from mnist_jax.errors import UserError
 
 PREDICTIONS_FILE = "test_predictions.npz"
 LATEST_DIR = "checkpoints/latest"
-# config.json's parts that must match for a run to be resumed: what it computes
-RESUME_KEYS = ("model", "eval_formulation", "train", "data")
 
 
 def seed_checkpoint_dir(seed: int) -> str:
@@ -41,6 +40,30 @@ def seed_checkpoint_dir(seed: int) -> str:
 
 def is_finished(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / records.RESULT_FILE).is_file()
+
+
+def check_same_settings(run_dir: str | os.PathLike, model_config, train_config, splits) -> None:
+    """Refuse (one line, naming the differences) a run folder whose config.json records
+    other settings than these: model, training protocol, seeds, data slice. Settings left
+    "auto" are not compared (the run recorded what they resolved to)."""
+    path = Path(run_dir) / records.CONFIG_FILE
+    given = {"model": to_dict(model_config), "train": to_dict(train_config),
+             "data": {"validation": splits.validation,
+                      "train_examples": len(splits.train.labels),
+                      "val_examples": len(splits.val.labels),
+                      "test_examples": len(splits.test.labels)}}
+    try:
+        saved = records.read_json(path)
+        differences = [f"{part}.{key}: {saved[part].get(key)!r} there, {value!r} now"
+                       for part, values in given.items() for key, value in values.items()
+                       if value != "auto"
+                       and saved[part].get(key) != records.json_roundtrip(value)]
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot resume: {path} is damaged ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if differences:
+        raise UserError(f"cannot resume {run_dir}: it was started with other settings "
+                        f"({'; '.join(differences[:3])})")
 
 
 class Recorder:
@@ -61,27 +84,14 @@ class Recorder:
         if self.out is not None:
             records.write_json(self.out / records.CONFIG_FILE, description)
 
-    def check_resumable(self, description: dict) -> None:
-        """Refuse to resume a folder whose run is finished or computes something else
-        than `description` says (another model, batch size, seeds, data, protocol)."""
+    def check_resumable(self, model_config, train_config, splits) -> None:
+        """Refuse to resume a finished run, or one started with other settings."""
         if self.out is None:
             return
         if is_finished(self.out):
             raise UserError(f"{self.out} holds a finished run: nothing to resume")
-        path = self.out / records.CONFIG_FILE
-        if not path.exists():
-            return  # claimed, then stopped before writing anything: start afresh
-        try:
-            saved = records.read_json(path)
-            differences = [f"{key}.{k}: {saved[key].get(k)!r} there, {v!r} now"
-                           for key in RESUME_KEYS for k, v in description[key].items()
-                           if saved[key].get(k) != records.json_roundtrip(v)]
-        except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"cannot resume: {path} is damaged ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if differences:
-            raise UserError(f"cannot resume {self.out}: it was started with other settings "
-                            f"({'; '.join(differences[:3])})")
+        if (self.out / records.CONFIG_FILE).exists():  # else: stopped before writing anything
+            check_same_settings(self.out, model_config, train_config, splits)
 
     def read_history(self) -> list[dict]:
         path = self.out / records.HISTORY_FILE if self.out is not None else None

@@ -32,7 +32,7 @@ from mnist_jax.early_stopping import EarlyStopping
 from mnist_jax.errors import UserError
 from mnist_jax.model import CNN, build_model, count_params, init_params
 from mnist_jax.progress import Progress
-from mnist_jax.recorder import Recorder, is_finished, seed_checkpoint_dir
+from mnist_jax.recorder import Recorder, check_same_settings, is_finished, seed_checkpoint_dir
 from mnist_jax.resources import ResourceSampler
 
 INIT_STREAM = 0
@@ -160,7 +160,7 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
             num_params = count_params(engine.seed_slice(run.states.params, 0))
             description = run_description(run, cfg, num_params, name, splits)
             if resume:
-                recorder.check_resumable(description)
+                recorder.check_resumable(model_config, cfg, splits)
             recorder.write_config(description)
             seeds = [SeedResult(seed, EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
                                                     min_delta=cfg.min_delta))
@@ -394,11 +394,12 @@ def main(argv=None) -> int:
         claim = cli.claim_out(args)
         with claim as out:
             try:
+                splits = cli.load_splits(args)
                 if args.resume and is_finished(out):
+                    check_same_settings(out, model_config, train_config, splits)
                     cli.log(f"[{name}] finished in an earlier run: kept")
                 else:
-                    fit(model_config, train_config, cli.load_splits(args), claim, name=name,
-                        resume=args.resume)
+                    fit(model_config, train_config, splits, claim, name=name, resume=args.resume)
             except interrupts.Interrupted:
                 report.write_interrupted_summary(out, [out])
                 cli.log(f"resume with: {cli.resume_command(args, out)}")

@@ -134,9 +134,15 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
     assert "resuming after epoch 2" in proc.stdout
     assert_same_run(out, reference)
 
-    # Resuming a finished run changes nothing but the report.
+    # Resuming a finished run changes nothing but the report; with other settings, refused.
     proc = _run(_command(mnist_path, out, "--resume"))
     assert proc.returncode == 0 and "finished in an earlier run" in proc.stdout
+    assert_same_run(out, reference)
+    cmd = _command(mnist_path, out, "--resume")
+    cmd[cmd.index("--seeds") + 1] = "3"
+    proc = _run(cmd)
+    assert_clean_exit(proc.returncode, proc.stderr, 2)
+    assert "other settings" in proc.stderr and "train.seeds: 2 there, 3 now" in proc.stderr
     assert_same_run(out, reference)
 
 

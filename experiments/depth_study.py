@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
         cli.check_finite(diverged)
 
-    return cli.run_main(run)
+    return cli.run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

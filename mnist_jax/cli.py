@@ -94,6 +94,13 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
                         help="use only the first N training and N/6 validation and test images "
                              "(for quick checks; the study's numbers need the full sets)")
+    add_debug_arg(parser)
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the input too (errors in the "
+                             "code always show theirs)")
 
 
 def model_config(args, base: ModelConfig) -> ModelConfig:
@@ -150,22 +157,25 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def run_main(body: Callable[[], None]) -> int:
+def run_main(body: Callable[[], None], debug: bool = False) -> int:
     """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
-    and exit status 2, with no traceback."""
+    and exit status 2, with no traceback (with `debug` (--debug), with its traceback)."""
     try:
         body()
     except UserError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a write that failed mid-run: disk full, permissions, ...
+        if debug:
+            raise
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except Exception as e:
-        import jax
-
-        if not isinstance(e, jax.errors.JaxRuntimeError):
+        jax = sys.modules.get("jax")  # not imported (the report): the error is not JAX's
+        if debug or jax is None or not isinstance(e, jax.errors.JaxRuntimeError):
             raise  # a bug: keep its traceback
         # e.g. RESOURCE_EXHAUSTED for a batch or model too large for the device
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",

@@ -342,6 +342,7 @@ def main(argv=None) -> int:
         description="Rewrite a study folder's summary.json, summary.md and figures from its "
                     "runs' files, without retraining.")
     parser.add_argument("study_dir", help="a study folder (whose subfolders are runs) or a run")
+    cli.add_debug_arg(parser)
     args = parser.parse_args(argv)
     study_dir = Path(args.study_dir).expanduser()
 
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
             raise UserError(f"{study_dir} holds no run")
         print(format_text(write_study_report(study_dir, runs)))
 
-    return cli.run_main(run)
+    return cli.run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -326,7 +326,7 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
         cli.check_finite([(name, result.diverged)])
 
-    return cli.run_main(run)
+    return cli.run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

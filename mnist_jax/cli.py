@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,8 +20,18 @@ from mnist_jax.errors import TrainingDiverged, UserError
 DEFAULT_SEEDS = 3  # the command line's default: a comparison needs a spread
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= minimum, else a message naming the value."""
+# Upper bounds on the training flags: far beyond any sensible run, they turn a typo (an
+# extra zero or three) into an error before the data is read rather than a run that never
+# ends. A batch larger than the training data is the whole data (as in Keras); above
+# MNIST's 60,000 training images it is a typo.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 60_000
+MAX_SEEDS = 1_000
+
+
+def _int_at_least(minimum: int, what: str, maximum: int | None = None):
+    """An argparse type: an integer >= minimum (and <= maximum), else a message naming
+    the value."""
 
     def parse(text: str) -> int:
         try:
@@ -27,6 +40,8 @@ def _int_at_least(minimum: int, what: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} is more than the limit of {maximum:,}")
         return value
 
     return parse
@@ -34,6 +49,17 @@ def _int_at_least(minimum: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "0 or more")
+
+
+def learning_rate(text: str) -> float:
+    """An argparse type: a finite number > 0 (not nan, inf or a negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"learning rate must be a positive number, got {value}")
+    return value
 
 
 def int_tuple(text: str) -> tuple[int, ...]:
@@ -56,19 +82,24 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output folder, new or empty (default: {default_out}/<date-time>)")
     parser.set_defaults(default_out=default_out)
-    parser.add_argument("--epochs", type=positive_int, default=d.epochs,
-                        help=f"most epochs to train (default: {d.epochs})")
-    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                        help=f"training batch size (default: {d.batch_size})")
+    parser.add_argument("--epochs", type=_int_at_least(1, "a positive integer", MAX_EPOCHS),
+                        default=d.epochs,
+                        help=f"most epochs to train, at most {MAX_EPOCHS:,} (default: {d.epochs})")
+    parser.add_argument("--batch-size", type=_int_at_least(1, "a positive integer",
+                                                           MAX_BATCH_SIZE),
+                        default=d.batch_size,
+                        help=f"training batch size, at most {MAX_BATCH_SIZE:,}; one larger than "
+                             f"the training data is the whole data (default: {d.batch_size})")
     parser.add_argument("--patience", type=non_negative_int, default=d.patience,
                         help="early stopping: epochs without val_accuracy improvement before "
                              f"stopping (default: {d.patience})")
     parser.add_argument("--seed", type=non_negative_int, default=d.seed,
                         help=f"first seed: run i uses seed SEED + i for its initialisation, "
                              f"dropout and shuffling (default: {d.seed})")
-    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS,
-                        help=f"independent seeds per model, for intervals and tests "
-                             f"(default: {DEFAULT_SEEDS}; the notebook ran 1)")
+    parser.add_argument("--seeds", type=_int_at_least(1, "a positive integer", MAX_SEEDS),
+                        default=DEFAULT_SEEDS,
+                        help=f"independent seeds per model, for intervals and tests, at most "
+                             f"{MAX_SEEDS:,} (default: {DEFAULT_SEEDS}; the notebook ran 1)")
     parser.add_argument("--layout", choices=LAYOUTS, default=d.layout,
                         help="how seeds share the device: 'vmap' (one program over a seed "
                              "axis), 'map' (one program, seeds one after another), 'sequential' "
@@ -81,7 +112,7 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--holdout-size", type=positive_int, default=data_lib.HOLDOUT_SIZE,
                         metavar="N", help="training images held out for validation under "
                                           f"--validation holdout (default: {data_lib.HOLDOUT_SIZE:,})")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate,
+    parser.add_argument("--learning-rate", type=learning_rate, default=d.learning_rate,
                         help=f"Adam learning rate (default: {d.learning_rate})")
     parser.add_argument("--engine", choices=ENGINES, default=d.engine,
                         help="'scan': the epoch as one compiled program; 'loop': one compiled "
@@ -145,9 +176,26 @@ def check_out_dir(out: str | None, default_root: str) -> Path:
         if path.is_dir() and any(path.iterdir()):
             raise UserError(f"--out {path} already holds files; choose a new or empty folder "
                             f"(nothing was overwritten)")
+        if not path.exists():
+            _check_creatable(path)
     except OSError as e:
         raise UserError(f"cannot use --out {path}: {e.strerror or e}") from None
     return path
+
+
+def _check_creatable(path: Path) -> None:
+    """Refuse now, before the data is read, a folder that could not be created later:
+    create and remove a probe folder in its nearest existing parent (which works for
+    root too, and for file systems such as /proc where permissions do not say)."""
+    parent = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
+    if not parent.is_dir():
+        raise UserError(f"cannot create run folder {path} (--out): {parent} is a file, "
+                        f"not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mnist_jax-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot create run folder {path} (--out): cannot write in {parent} "
+                        f"({e.strerror or e})") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

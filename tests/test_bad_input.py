@@ -184,7 +184,8 @@ FLAG_CASES = [
     train_flag("seeds-0", ["--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
     train_flag("seeds-absurd", ["--seeds", "100000"],
                "argument --seeds: 100000 is more than the limit of 1,000"),
-    train_flag("patience-negative", ["--patience", "-1"], "argument --patience: -1 is not 0 or more"),
+    train_flag("patience-negative", ["--patience", "-1"],
+               "argument --patience: -1 is not 0 or more"),
     *[train_flag(f"learning-rate-{id}", args,
                  f"argument --learning-rate: learning rate must be a positive number, got {shown}")
       for id, args, shown in [
@@ -271,7 +272,8 @@ REPORT_CASES = [
            "line 2 has 1 fields, the header 3 (cut short or damaged)"),
           ("history-cut-short", records.HISTORY_FILE,
            cut(records.HISTORY_FILE, lambda raw: raw.index(b"\n") + 10), "line 2 has "),
-          ("history-other-columns", records.HISTORY_FILE, write(records.HISTORY_FILE, b"a,b\n1,2\n"),
+          ("history-other-columns", records.HISTORY_FILE,
+           write(records.HISTORY_FILE, b"a,b\n1,2\n"),
            "it has no column epoch, seed"),
           ("predictions-truncated", report.PREDICTIONS_FILE,
            cut(report.PREDICTIONS_FILE, len_half), "File is not a zip file"),
@@ -411,7 +413,8 @@ class _FailingOs:
         return _FailingFile(os.fdopen(fd, *args, **kwargs), self.error)
 
 
-@pytest.mark.parametrize("make_error", [disk_full, KeyboardInterrupt, lambda: RuntimeError("a bug")],
+@pytest.mark.parametrize("make_error",
+                         [disk_full, KeyboardInterrupt, lambda: RuntimeError("a bug")],
                          ids=["disk-full", "interrupt", "bug"])
 def test_an_interrupted_atomic_write_keeps_the_previous_file(make_error, tmp_path, monkeypatch):
     error = make_error()
@@ -435,5 +438,6 @@ def test_a_full_disk_during_the_report_is_one_line_naming_the_file(finished_stud
     monkeypatch.setattr(records, "os", _FailingOs(disk_full()))
     assert report.main([str(study)]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"error: {os.strerror(errno.ENOSPC)} ({study / report.SUMMARY_JSON})"]
+    summary = study / report.SUMMARY_JSON
+    assert err.splitlines() == [f"error: {os.strerror(errno.ENOSPC)} ({summary})"]
     assert snapshot(study) == before  # the summary and figures as they were, no temp file

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                 cli.log(f"resume with: {cli.resume_command(args, out)}")
                 raise
 
-    return cli.run_main(run)
+    return cli.run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -18,8 +19,18 @@ from mnist_jax.errors import TrainingDiverged, UserError
 DEFAULT_SEEDS = 3  # the command line's default: a comparison needs a spread
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= minimum, else a message naming the value."""
+# Upper bounds on the training flags: far beyond any sensible run, they turn a typo (an
+# extra zero or three) into an error before the data is read rather than a run that never
+# ends. A batch larger than the training data is the whole data (as in Keras); above
+# MNIST's 60,000 training images it is a typo.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 60_000
+MAX_SEEDS = 1_000
+
+
+def _int_at_least(minimum: int, what: str, maximum: int | None = None):
+    """An argparse type: an integer >= minimum (and <= maximum), else a message naming
+    the value."""
 
     def parse(text: str) -> int:
         try:
@@ -28,6 +39,8 @@ def _int_at_least(minimum: int, what: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} is more than the limit of {maximum:,}")
         return value
 
     return parse
@@ -35,6 +48,17 @@ def _int_at_least(minimum: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "0 or more")
+
+
+def learning_rate(text: str) -> float:
+    """An argparse type: a finite number > 0 (not nan, inf or a negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"learning rate must be a positive number, got {value}")
+    return value
 
 
 def int_tuple(text: str) -> tuple[int, ...]:
@@ -60,19 +84,24 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                         help="continue the run in --out after its last finished epoch (the "
                              "same flags as when it started; finished models are kept)")
     parser.set_defaults(default_out=default_out, prog=parser.prog)
-    parser.add_argument("--epochs", type=positive_int, default=d.epochs,
-                        help=f"most epochs to train (default: {d.epochs})")
-    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                        help=f"training batch size (default: {d.batch_size})")
+    parser.add_argument("--epochs", type=_int_at_least(1, "a positive integer", MAX_EPOCHS),
+                        default=d.epochs,
+                        help=f"most epochs to train, at most {MAX_EPOCHS:,} (default: {d.epochs})")
+    parser.add_argument("--batch-size", type=_int_at_least(1, "a positive integer",
+                                                           MAX_BATCH_SIZE),
+                        default=d.batch_size,
+                        help=f"training batch size, at most {MAX_BATCH_SIZE:,}; one larger than "
+                             f"the training data is the whole data (default: {d.batch_size})")
     parser.add_argument("--patience", type=non_negative_int, default=d.patience,
                         help="early stopping: epochs without val_accuracy improvement before "
                              f"stopping (default: {d.patience})")
     parser.add_argument("--seed", type=non_negative_int, default=d.seed,
                         help=f"first seed: run i uses seed SEED + i for its initialisation, "
                              f"dropout and shuffling (default: {d.seed})")
-    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS,
-                        help=f"independent seeds per model, for intervals and tests "
-                             f"(default: {DEFAULT_SEEDS}; the notebook ran 1)")
+    parser.add_argument("--seeds", type=_int_at_least(1, "a positive integer", MAX_SEEDS),
+                        default=DEFAULT_SEEDS,
+                        help=f"independent seeds per model, for intervals and tests, at most "
+                             f"{MAX_SEEDS:,} (default: {DEFAULT_SEEDS}; the notebook ran 1)")
     parser.add_argument("--layout", choices=LAYOUTS, default=d.layout,
                         help="how seeds share the device: 'vmap' (one program over a seed "
                              "axis), 'map' (one program, seeds one after another), 'sequential' "
@@ -85,7 +114,7 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--holdout-size", type=positive_int, default=data_lib.HOLDOUT_SIZE,
                         metavar="N", help="training images held out for validation under "
                                           f"--validation holdout (default: {data_lib.HOLDOUT_SIZE:,})")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate,
+    parser.add_argument("--learning-rate", type=learning_rate, default=d.learning_rate,
                         help=f"Adam learning rate (default: {d.learning_rate})")
     parser.add_argument("--engine", choices=ENGINES, default=d.engine,
                         help="'scan': the epoch as one compiled program; 'loop': one compiled "
@@ -98,6 +127,13 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
                         help="use only the first N training and N/6 validation and test images "
                              "(for quick checks; the study's numbers need the full sets)")
+    add_debug_arg(parser)
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the input too (errors in the "
+                             "code always show theirs)")
 
 
 def model_config(args, base: ModelConfig) -> ModelConfig:
@@ -162,10 +198,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def run_main(body: Callable[[], None]) -> int:
+def run_main(body: Callable[[], None], debug: bool = False) -> int:
     """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
-    and exit status 2, with no traceback. SIGINT and SIGTERM stop it cleanly (exit 130,
-    143; interrupts.py)."""
+    and exit status 2, with no traceback (with `debug` (--debug), with its traceback).
+    SIGINT and SIGTERM stop it cleanly (exit 130, 143; interrupts.py)."""
     try:
         with interrupts.handled():
             body()
@@ -173,16 +209,19 @@ def run_main(body: Callable[[], None]) -> int:
         print(f"interrupted ({e}): every finished epoch is saved", file=sys.stderr)
         return e.exit_status
     except UserError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a write that failed mid-run: disk full, permissions, ...
+        if debug:
+            raise
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except Exception as e:
-        import jax
-
-        if not isinstance(e, jax.errors.JaxRuntimeError):
+        jax = sys.modules.get("jax")  # not imported (the report): the error is not JAX's
+        if debug or jax is None or not isinstance(e, jax.errors.JaxRuntimeError):
             raise  # a bug: keep its traceback
         # e.g. RESOURCE_EXHAUSTED for a batch or model too large for the device
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",

@@ -53,19 +53,22 @@ class ModelConfig:
     def feature_map_sizes(self) -> list[tuple[int, int]]:
         """Spatial size (H, W) after each conv block; raises ConfigError below 1x1."""
         h, w, _ = self.image_shape
+        k, p = self.kernel_size, self.pool_size
+        blocks = f"conv_features {self.conv_features}"
         sizes = []
         for i, _ in enumerate(self.conv_features):
-            h, w = h - self.kernel_size + 1, w - self.kernel_size + 1  # VALID conv
-            if h < 1 or w < 1:
+            if h < k or w < k:
                 raise ConfigError(
-                    f"conv block {i + 1} of {len(self.conv_features)} gets a "
-                    f"{h + self.kernel_size - 1}x{w + self.kernel_size - 1} map, smaller than "
-                    f"its {self.kernel_size}x{self.kernel_size} kernel: use fewer conv blocks")
-            h, w = h // self.pool_size, w // self.pool_size  # VALID pooling floors
-            if h < 1 or w < 1:
+                    f"{blocks}: the feature map vanishes after {i} conv blocks: its {h}x{w} "
+                    f"map is smaller than block {i + 1}'s {k}x{k} kernel; use at most {i} "
+                    f"conv blocks")
+            h, w = h - k + 1, w - k + 1  # VALID conv
+            if h < p or w < p:
                 raise ConfigError(
-                    f"conv block {i + 1} of {len(self.conv_features)} pools the feature map "
-                    f"below 1x1: use fewer conv blocks")
+                    f"{blocks}: the feature map vanishes after {i + 1} conv blocks: block "
+                    f"{i + 1}'s {p}x{p} pooling takes its {h}x{w} map below 1x1; use at "
+                    f"most {i} conv blocks")
+            h, w = h // p, w // p  # VALID pooling floors
             sizes.append((h, w))
         return sizes
 

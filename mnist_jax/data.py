@@ -13,7 +13,11 @@ import functools
 import gzip
 import logging
 import os
+import socket
+import sys
 import tempfile
+import urllib.parse
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -123,27 +127,37 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return Path(chosen).expanduser() if chosen is not None else None
 
 
-def fetch_files(data_dir: str | os.PathLike | None = None) -> dict[tuple[str, str], Path]:
+def fetch_files(data_dir: str | os.PathLike | None = None, source: str | None = None
+                ) -> dict[tuple[str, str], Path]:
     """Paths of the four verified MNIST files, keyed by (split, "images" | "labels").
 
-    Raises DataError, naming the file, when one is missing, truncated or corrupt.
+    Raises DataError, naming the file and where its folder came from (--data-dir or
+    $MNIST_JAX_DATA_DIR, or `source` where given), when one is missing, truncated or
+    corrupt. Without a folder, says on stderr that it downloads before it does, and fails
+    fast when offline.
     """
     import tensorflow_datasets as tfds  # heavy: imported only when data is needed
+    from tensorflow_datasets.core.download import downloader as tfds_downloader
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
     from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
     names = {key: getattr(tfds_mnist, attr) for key, attr in _TFDS_FILENAME_ATTRS.items()}
     manual_dir = resolve_data_dir(data_dir)
     if manual_dir is not None:
-        source = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+        source = source or _data_dir_source(data_dir)
+        where = f"data folder {manual_dir} ({source})"
         if not manual_dir.exists():
-            raise DataError(f"data folder {manual_dir} ({source}) does not exist")
+            raise DataError(f"{where} does not exist")
         if not manual_dir.is_dir():
-            raise DataError(f"data folder {manual_dir} ({source}) is a file, not a folder")
-        for name in names.values():
-            if not (manual_dir / name).is_file():
-                # Without this check the download manager would try the network.
-                raise DataError(f"data folder {manual_dir} has no {name}")
+            raise DataError(f"{where} is a file, not a folder")
+        missing = [name for name in names.values() if not (manual_dir / name).is_file()]
+        # Without this check the download manager would try the network.
+        if len(missing) == len(names):
+            raise DataError(f"{where} holds none of the four MNIST files ({', '.join(missing)})")
+        if missing:
+            raise DataError(f"{where} has no {', '.join(missing)}")
+    else:
+        where = f"the download cache {DEFAULT_CACHE}"
     urls = {f"{split}_{kind}": tfds_mnist._MNIST_URL + name
             for (split, kind), name in names.items()}
     tfds.display_progress_bar(False)
@@ -151,18 +165,46 @@ def fetch_files(data_dir: str | os.PathLike | None = None) -> dict[tuple[str, st
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as scratch:
         download_dir = scratch if manual_dir is not None else DEFAULT_CACHE / "downloads"
+        if manual_dir is None and len(list((Path(download_dir) / "mnist").glob("*.gz"))) < 4:
+            _before_download(tfds_mnist._MNIST_URL, tfds_downloader)
         manager = tfds.download.DownloadManager(
             download_dir=download_dir, manual_dir=manual_dir, dataset_name="mnist")
         try:
             paths = manager.download(urls)
         except NonMatchingChecksumError as e:
             bad = next((n for n in names.values() if n in str(e)), "a file")
-            raise DataError(f"{bad} does not match the checksum tensorflow-datasets registers "
-                            f"for it (truncated or corrupt): replace it") from None
+            raise DataError(f"{bad} in {where} does not match the checksum tensorflow-datasets "
+                            f"registers for it (truncated or corrupt): replace it") from None
         except Exception as e:  # network or file-system failures of the download itself
             raise DataError(f"could not get MNIST ({type(e).__name__}: {_first_line(e)}); "
-                            f"offline, pass --data-dir with the four files") from None
+                            f"{OFFLINE_HINT}") from None
     return {(split, kind): Path(paths[f"{split}_{kind}"]) for split, kind in names}
+
+
+OFFLINE_HINT = (f"offline, pass --data-dir DIR or set ${DATA_DIR_ENV} to a folder holding the "
+                f"four MNIST .gz files")
+CONNECT_TIMEOUT_S = 20  # to reach the download server before trying to download
+DOWNLOAD_RETRIES = 2  # tensorflow-datasets' default, 10 with backoff, waits 200 s offline
+
+
+def _before_download(url: str, tfds_downloader) -> None:
+    """Say on stderr that MNIST is being downloaded, before any wait, and fail within
+    CONNECT_TIMEOUT_S when the server cannot be reached (no network, no name service).
+    Through a proxy (HTTPS_PROXY, ...) the server is not checked directly; the retries of a
+    failing download are cut to DOWNLOAD_RETRIES either way."""
+    host = urllib.parse.urlsplit(url).hostname
+    print(f"downloading MNIST (4 files, 11 MB) from {url} into {DEFAULT_CACHE} "
+          f"({OFFLINE_HINT})", file=sys.stderr, flush=True)
+    if getattr(tfds_downloader, "MAX_RETRIES", 0) > DOWNLOAD_RETRIES:
+        tfds_downloader.MAX_RETRIES = DOWNLOAD_RETRIES
+    if urllib.request.getproxies():
+        return
+    try:
+        socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or _first_line(e)
+        raise DataError(f"could not download MNIST: cannot reach {host} ({reason}); "
+                        f"{OFFLINE_HINT}") from None
 
 
 def read_idx(path: Path, kind: str) -> np.ndarray:
@@ -190,9 +232,14 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
     return data.astype(np.int32)
 
 
+def _data_dir_source(data_dir) -> str:
+    """Where the data folder came from, for messages: the flag or the environment variable."""
+    return "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+
+
 @functools.lru_cache(maxsize=4)
-def _load_cached(data_dir: Path | None) -> Dataset:
-    files = fetch_files(data_dir)
+def _load_cached(data_dir: Path | None, source: str) -> Dataset:
+    files = fetch_files(data_dir, source)
     splits = {}
     for split in ("train", "test"):
         images = read_idx(files[(split, "images")], "images")
@@ -205,7 +252,7 @@ def _load_cached(data_dir: Path | None) -> Dataset:
 
 def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     """MNIST train (60,000) and test (10,000), read once per process and kept in memory."""
-    return _load_cached(resolve_data_dir(data_dir))
+    return _load_cached(resolve_data_dir(data_dir), _data_dir_source(data_dir))
 
 
 def synthetic(num_train: int = 512, num_test: int = 256, seed: int = 0,

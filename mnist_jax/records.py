@@ -38,6 +38,7 @@ class RunDir:
         self._created = created or not self.path.exists()  # removed again if left unused
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            new_lock = not (self.path / LOCK_FILE).exists()
             self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(f"cannot create {what} {self.path}: {e.strerror or e}") from None
@@ -49,6 +50,8 @@ class RunDir:
             raise UserError(f"{what} {self.path} is in use by another run"
                             f"{f' (pid {holder})' if holder else ''}") from None
         if not resume and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            if new_lock:  # leave the folder as it was
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
             self.close()
             raise UserError(f"{what} {self.path} already holds files (nothing was "
                             f"overwritten): choose a new folder, or --resume to continue it")
@@ -111,8 +114,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write (disk full) names the file it was for
         raise
 
 
@@ -147,14 +152,25 @@ def write_history(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """history.csv back as dicts of numbers (ints where whole, booleans as bool, blanks None)."""
+    """history.csv back as dicts of numbers (ints where whole, booleans as bool, blanks None).
+    A row with more or fewer fields than the header (a cut or damaged file) is a ValueError
+    naming its line."""
     with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.reader(f)
+        try:
+            header = next(reader, [])
+            rows = []
+            for fields in reader:
+                if len(fields) != len(header):
+                    raise ValueError(f"line {reader.line_num} has {len(fields)} fields, the "
+                                     f"header {len(header)} (cut short or damaged)")
+                rows.append({k: _parse(v) for k, v in zip(header, fields)})
+        except csv.Error as e:  # not a ValueError: e.g. an unclosed quote
+            raise ValueError(f"line {reader.line_num}: {e}") from None
+    return rows
 
 
-def _parse(text):
-    if not isinstance(text, str):  # csv gives a list for a row with extra fields
-        raise ValueError(f"malformed row field {text!r}")
+def _parse(text: str):
     if text == "":
         return None
     if text in ("True", "False"):

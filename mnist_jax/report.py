@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import statistics
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +45,15 @@ PROTOCOLS = {
 }
 
 
+RUN_FILES = (records.CONFIG_FILE, records.HISTORY_FILE, records.RESULT_FILE, PREDICTIONS_FILE)
+# What the summary and the figures read: a file without them is not a run's.
+HISTORY_COLUMNS = ("epoch", "seed", "val_accuracy", "val_loss", "epoch_time_s")
+PREDICTION_ARRAYS = ("seeds", "labels", "predictions", "wrong_indices", "wrong_images")
+
+
 def read_run(run_dir: str | Path) -> dict:
-    """One run's files: config, history rows, result, test predictions."""
+    """One run's files: config, history rows, result, test predictions. A missing or
+    damaged file is a UserError naming the file and what is wrong with it."""
     run_dir = Path(run_dir)
     readers = {"config": (records.CONFIG_FILE, records.read_json),
                "history": (records.HISTORY_FILE, records.read_history),
@@ -57,16 +66,32 @@ def read_run(run_dir: str | Path) -> dict:
             raise UserError(f"{run_dir} is not a finished run: {name} is missing")
         try:
             run[key] = read(path)
-        except (ValueError, OSError, EOFError) as e:  # damaged JSON, CSV or npz
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            # damaged JSON, CSV or npz
             raise UserError(f"{path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                             ) from None
+    history_path = run_dir / records.HISTORY_FILE
     if not run["history"]:
-        raise UserError(f"{run_dir / records.HISTORY_FILE} has no epochs")
+        raise UserError(f"{history_path} has no epochs")
+    lacking = [c for c in HISTORY_COLUMNS if c not in run["history"][0]]
+    if lacking:
+        raise UserError(f"{history_path} is damaged: it has no column {', '.join(lacking)}")
+    lacking = [a for a in PREDICTION_ARRAYS if a not in run["predictions"]]
+    if lacking:
+        raise UserError(f"{run_dir / PREDICTIONS_FILE} is damaged: it has no array "
+                        f"{', '.join(lacking)}")
+    for key, name in (("config", records.CONFIG_FILE), ("result", records.RESULT_FILE)):
+        if not isinstance(run[key], dict):
+            raise UserError(f"{run_dir / name} is damaged: it holds a JSON "
+                            f"{type(run[key]).__name__}, not an object")
     return run
 
 
 def _read_npz(path: Path) -> dict:
-    with np.load(path) as npz:
+    with open(path, "rb") as f:  # np.load would take other bytes for a pickle
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError("not an .npz file (no zip header)")
+    with np.load(path) as npz:  # the arrays read now: a damaged member fails here
         return {k: npz[k] for k in npz.files}
 
 
@@ -326,10 +351,13 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
         text[0], "", "## Every seed", "", text[1], "", "## Statistics", "", text[2], "",
         *[f"![{name}]({file})" for name, file in FIGURES.items()], "",
     ]
+    # Every figure drawn before anything is written: a run the figures cannot draw leaves
+    # the previous summary and figures as they were.
+    figures = {file: getattr(plots, name)(runs) for name, file in FIGURES.items()}
     records.write_json(out_dir / SUMMARY_JSON, summary)
     records.atomic_write_text(out_dir / SUMMARY_MD, "\n".join(md))
-    for name, file in FIGURES.items():
-        plots.save(getattr(plots, name)(runs), out_dir / file)
+    for file, figure in figures.items():
+        plots.save(figure, out_dir / file)
     return summary
 
 
@@ -379,8 +407,10 @@ def _seed_so_far(seed: int, rows: list[dict]) -> dict:
 
 
 def find_runs(study_dir: Path) -> list[Path]:
-    """The runs of a study folder: its subfolders that a run started in (config.json)."""
-    return sorted(p.parent for p in study_dir.glob(f"*/{records.CONFIG_FILE}"))
+    """The runs of a study folder: its subfolders holding any of a run's files (so a run
+    that lost its config.json is reported, not silently left out of the summary)."""
+    return sorted(p for p in study_dir.iterdir()
+                  if p.is_dir() and any((p / name).exists() for name in RUN_FILES))
 
 
 def main(argv=None) -> int:
@@ -389,19 +419,20 @@ def main(argv=None) -> int:
         description="Rewrite a study folder's summary.json, summary.md and figures from its "
                     "runs' files, without retraining.")
     parser.add_argument("study_dir", help="a study folder (whose subfolders are runs) or a run")
+    cli.add_debug_arg(parser)
     args = parser.parse_args(argv)
     study_dir = Path(args.study_dir).expanduser()
 
     def run():
         if not study_dir.is_dir():
             raise UserError(f"{study_dir} is not a folder")
-        runs = find_runs(study_dir) or ([study_dir] if (study_dir / records.CONFIG_FILE).exists()
-                                        else [])
+        runs = find_runs(study_dir) or (
+            [study_dir] if any((study_dir / name).exists() for name in RUN_FILES) else [])
         if not runs:
             raise UserError(f"{study_dir} holds no run")
         print(format_text(write_study_report(study_dir, runs)))
 
-    return cli.run_main(run)
+    return cli.run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

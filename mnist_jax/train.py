@@ -409,7 +409,7 @@ def main(argv=None) -> int:
             print(f"wrote {out}")
             cli.check_finite([(name, report.diverged_seeds(out))])
 
-    return cli.run_main(run)
+    return cli.run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

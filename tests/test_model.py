@@ -22,7 +22,7 @@ def test_flatten_width_follows_depth():
 
 
 def test_too_deep_is_refused_when_the_config_is_made():
-    with pytest.raises(ConfigError, match="conv block 4 of 4"):
+    with pytest.raises(ConfigError, match="feature map vanishes after 3 conv blocks"):
         ModelConfig(conv_features=(32, 32, 64, 64))
 
 

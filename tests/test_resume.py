@@ -2,8 +2,8 @@
 progress bars. Each test drives the real command in a subprocess, as a user would, and
 compares with one uninterrupted run of the same command."""
 
-import os
 import fcntl
+import os
 import pty
 import select
 import signal
@@ -13,7 +13,6 @@ import sys
 import termios
 import textwrap
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -49,7 +48,6 @@ def _driver(tmp_path, mnist_path, out, patch: str) -> list[str]:
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(patch) + textwrap.dedent(f"""
         import sys
-import termios
         from mnist_jax import train
         sys.exit(train.main({_command(mnist_path, out)[3:]!r}))
     """))

@@ -1,0 +1,438 @@
+"""Bad input, case by case (issue 8): the real command in a subprocess gets ONE line
+`error: ...` on stderr and exit status 2, never a traceback, names where the value came
+from (flag, environment variable, file), and leaves files saved earlier byte-identical.
+
+Each row of CASES is one command line. Its arguments and expected message may name the
+case's paths, filled in per case:
+  {tmp}     the case's tmp_path
+  {data}    {tmp}/mnist, a data folder the case's `make` may build
+  {new}     {tmp}/new-run, an --out folder that must still not exist afterwards
+  {file}    {tmp}/a-file, a regular file (always made)
+  {study}   {tmp}/study, a copy of a finished two-model study (cases with study=True)
+  {shared}  the real MNIST folder (../shared/mnist or $MNIST_JAX_DATA_DIR), never modified
+
+Most rows fail before any training, so each costs the command's import time (about 3.5 s
+for a training command on the development CPU, 1.5 s for the report).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from mnist_jax import records, report
+from mnist_jax.data import DATA_DIR_ENV
+
+from conftest import REPO
+
+STUDY = "experiments.depth_study"
+TRAIN = "mnist_jax.train"
+REPORT = "mnist_jax.report"
+TIMEOUT_S = 120  # every row, the download without a network included, ends well before
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    module: str  # python -m <module>
+    args: tuple[str, ...]
+    expect: str  # a fragment of the one error line
+    make: Callable[[Path, Path | None], None] | None = None  # (tmp, shared): the case's files
+    env: dict[str, str] = field(default_factory=dict)  # added to a copy without $MNIST_JAX_DATA_DIR
+    keep: str | None = None  # a folder whose files must stay byte-identical
+    study: bool = False  # {study}: a copy of the finished study
+    notice: str | None = None  # a line on stderr expected before the error line
+    marks: tuple = ()
+
+    def param(self):
+        return pytest.param(self, id=self.id, marks=self.marks)
+
+
+# ---- how a case alters its copy of the data folder ----
+
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def mnist_copy(alter: Callable[[Path], None] | None = None):
+    """A `make`: {data} a copy of the real folder {shared}, then altered."""
+
+    def make(tmp: Path, shared: Path) -> None:
+        folder = tmp / "mnist"
+        folder.mkdir()
+        for name in MNIST_FILES:
+            shutil.copyfile(shared / name, folder / name)  # copyfile: writable, unlike ../shared
+        if alter is not None:
+            alter(folder)
+
+    make.copies_mnist = True
+    return make
+
+
+def remove(name):
+    return lambda folder: (folder / name).unlink()
+
+
+def remove_all(folder: Path) -> None:
+    for name in MNIST_FILES:
+        (folder / name).unlink()
+
+
+def truncate(name, keep=5_000):
+    return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:keep])
+
+
+def flip_bytes(name, offsets=(1_000, 1_001, 50_000)):
+    def alter(folder: Path) -> None:
+        raw = bytearray((folder / name).read_bytes())
+        for i in offsets:
+            raw[i] ^= 0xFF
+        (folder / name).write_bytes(bytes(raw))
+
+    return alter
+
+
+def replace(name, content: bytes):
+    return lambda folder: (folder / name).write_bytes(content)
+
+
+def swap_in(name, other):
+    """A gzip file of the wrong format: `other`'s content under `name`."""
+    return lambda folder: shutil.copyfile(folder / other, folder / name)
+
+
+def make_file(path_in_tmp):
+    return lambda tmp, shared: (tmp / path_in_tmp).write_text("not a folder\n")
+
+
+def make_dir(path_in_tmp, files=(), mode=None):
+    def make(tmp: Path, shared) -> None:
+        folder = tmp / path_in_tmp
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text(f"an earlier result: {name}\n")
+        if mode is not None:
+            folder.chmod(mode)
+
+    return make
+
+
+# ---- how a case alters its copy of the finished study ----
+
+def in_study(alter: Callable[[Path], None]):
+    """A `make`: alter the 3-conv run of {study}."""
+    return lambda tmp, shared: alter(tmp / "study" / "3conv")
+
+
+def cut(name, keep: Callable[[bytes], int]):
+    def alter(run: Path) -> None:
+        raw = (run / name).read_bytes()
+        (run / name).write_bytes(raw[:keep(raw)])
+
+    return alter
+
+
+def flip_middle(name, count=16):
+    def alter(run: Path) -> None:
+        raw = bytearray((run / name).read_bytes())
+        for i in range(len(raw) // 2, len(raw) // 2 + count):
+            raw[i] ^= 0xFF
+        (run / name).write_bytes(bytes(raw))
+
+    return alter
+
+
+def len_half(raw: bytes) -> int:
+    return len(raw) // 2
+
+
+def write(name, content: bytes):
+    return lambda run: (run / name).write_bytes(content)
+
+
+# ---- the table ----
+
+def train_flag(id, args, expect, module=STUDY):
+    return Case(id, module, (*args, "--out", "{new}"), expect)
+
+
+FLAG_CASES = [
+    train_flag("unknown-flag", ["--bogus"], "unrecognized arguments: --bogus"),
+    train_flag("epochs-not-a-number", ["--epochs", "abc"],
+               "argument --epochs: 'abc' is not an integer"),
+    train_flag("conv-malformed", ["--conv", "3,x"],
+               "argument --conv: '3,x' is not a comma-separated list of positive integers",
+               module=TRAIN),
+    train_flag("epochs-0", ["--epochs", "0"], "argument --epochs: 0 is not a positive integer"),
+    train_flag("epochs-negative", ["--epochs", "-1"],
+               "argument --epochs: -1 is not a positive integer"),
+    train_flag("epochs-absurd", ["--epochs", str(10**9)],
+               "argument --epochs: 1000000000 is more than the limit of 10,000"),
+    train_flag("batch-size-0", ["--batch-size", "0"],
+               "argument --batch-size: 0 is not a positive integer"),
+    train_flag("batch-size-absurd", ["--batch-size", "60001"],
+               "argument --batch-size: 60001 is more than the limit of 60,000"),
+    train_flag("seeds-0", ["--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
+    train_flag("seeds-absurd", ["--seeds", "100000"],
+               "argument --seeds: 100000 is more than the limit of 1,000"),
+    train_flag("patience-negative", ["--patience", "-1"],
+               "argument --patience: -1 is not 0 or more"),
+    *[train_flag(f"learning-rate-{id}", args,
+                 f"argument --learning-rate: learning rate must be a positive number, got {shown}")
+      for id, args, shown in [
+          ("nan", ["--learning-rate", "nan"], "nan"),
+          ("inf", ["--learning-rate", "inf"], "inf"),
+          # "--learning-rate -inf" is argparse's "expected one argument": -inf looks like a flag
+          ("-inf", ["--learning-rate=-inf"], "-inf"),
+          ("0", ["--learning-rate", "0"], "0.0"),
+          ("-0.001", ["--learning-rate", "-0.001"], "-0.001")]],
+    train_flag("learning-rate-not-a-number", ["--learning-rate", "abc"],
+               "argument --learning-rate: 'abc' is not a number"),
+    train_flag("conv-depth-vanishes", ["--conv", "32,32,32,32"],
+               "conv_features (32, 32, 32, 32): the feature map vanishes after 3 conv blocks",
+               module=TRAIN),
+]
+
+# (id, make, expected message, also through $MNIST_JAX_DATA_DIR): every folder through
+# --data-dir; through the environment variable, one of each check (the three last are the
+# checksum's, as bytes-flipped), to keep the file's runtime near three minutes.
+CHECKSUM = "in data folder {data} ({source}) does not match the checksum"
+DATA_FOLDERS = [
+    ("missing", None, "data folder {data} ({source}) does not exist", True),
+    ("a-file", make_file("mnist"), "data folder {data} ({source}) is a file, not a folder", True),
+    ("empty", make_dir("mnist"), "data folder {data} ({source}) holds none of the four MNIST files",
+     True),
+    ("one-file-missing", mnist_copy(remove("train-labels-idx1-ubyte.gz")),
+     "data folder {data} ({source}) has no train-labels-idx1-ubyte.gz", True),
+    ("bytes-flipped", mnist_copy(flip_bytes("t10k-images-idx3-ubyte.gz")),
+     "t10k-images-idx3-ubyte.gz " + CHECKSUM, True),
+    ("truncated", mnist_copy(truncate("train-images-idx3-ubyte.gz")),
+     "train-images-idx3-ubyte.gz " + CHECKSUM, False),
+    ("not-gzip", mnist_copy(replace("t10k-labels-idx1-ubyte.gz", b"hello, not gzip\n")),
+     "t10k-labels-idx1-ubyte.gz " + CHECKSUM, False),
+    ("labels-as-images", mnist_copy(swap_in("train-images-idx3-ubyte.gz",
+                                            "train-labels-idx1-ubyte.gz")),
+     "train-images-idx3-ubyte.gz " + CHECKSUM, False),
+]
+DATA_CASES = [
+    *[Case(f"data-dir-{id}", STUDY, ("--data-dir", "{data}", "--out", "{new}"),
+           expect.replace("{source}", "--data-dir"), make)
+      for id, make, expect, _ in DATA_FOLDERS],
+    *[Case(f"data-env-{id}", STUDY, ("--out", "{new}"),
+           expect.replace("{source}", f"${DATA_DIR_ENV}"), make, env={DATA_DIR_ENV: "{data}"})
+      for id, make, expect, through_env in DATA_FOLDERS if through_env],
+]
+
+# The data is real and small: were the folder not refused, the run would still end soon.
+RUN = ("--data-dir", "{shared}", "--epochs", "1", "--seeds", "1", "--train-limit", "64")
+OUT_CASES = [
+    Case("out-parent-is-a-file", TRAIN, (*RUN, "--out", "{file}/run"),
+         "cannot create --out {file}/run: Not a directory"),
+    Case("out-under-proc", TRAIN, (*RUN, "--out", "/proc/mnist_jax_forbidden/x"),
+         "cannot create --out /proc/mnist_jax_forbidden/x: "),
+    Case("out-is-a-file", STUDY, (*RUN, "--out", "{file}"), "--out {file} is a file, not a folder"),
+    Case("out-holds-files", STUDY, (*RUN, "--out", "{tmp}/used"),
+         "--out {tmp}/used already holds files", make_dir("used", ["summary.json", "notes.txt"]),
+         keep="{tmp}/used"),
+]
+
+REPORT_CASES = [
+    Case("report-missing-folder", REPORT, ("{tmp}/nowhere",), "{tmp}/nowhere is not a folder"),
+    Case("report-a-file", REPORT, ("{file}",), "{file} is not a folder"),
+    Case("report-empty-folder", REPORT, ("{tmp}/empty",), "{tmp}/empty holds no run",
+         make_dir("empty")),
+    *[Case(f"report-{name.split('.')[0]}-missing", REPORT, ("{study}",),
+           f"{{study}}/3conv is not a finished run: {name} is missing",
+           in_study(lambda run, name=name: (run / name).unlink()), keep="{study}", study=True)
+      for name in (records.RESULT_FILE, records.HISTORY_FILE, records.CONFIG_FILE,
+                   report.PREDICTIONS_FILE)],
+    *[Case(f"report-{id}", REPORT, ("{study}",), f"{{study}}/3conv/{name} is damaged: {expect}",
+           in_study(alter), keep="{study}", study=True)
+      for id, name, alter, expect in [
+          ("result-truncated-json", records.RESULT_FILE, cut(records.RESULT_FILE, len_half),
+           ""),  # json's own words, e.g. "Unterminated string starting at: line 5 ..."
+          ("result-not-an-object", records.RESULT_FILE, write(records.RESULT_FILE, b"[]\n"),
+           "it holds a JSON list, not an object"),
+          ("config-truncated-json", records.CONFIG_FILE, cut(records.CONFIG_FILE, len_half), ""),
+          ("history-garbage", records.HISTORY_FILE,
+           write(records.HISTORY_FILE, b"garbage,,\n\x00\x01zz\n"),
+           "line 2 has 1 fields, the header 3 (cut short or damaged)"),
+          ("history-cut-short", records.HISTORY_FILE,
+           cut(records.HISTORY_FILE, lambda raw: raw.index(b"\n") + 10), "line 2 has "),
+          ("history-other-columns", records.HISTORY_FILE,
+           write(records.HISTORY_FILE, b"a,b\n1,2\n"),
+           "it has no column epoch, seed"),
+          ("predictions-truncated", report.PREDICTIONS_FILE,
+           cut(report.PREDICTIONS_FILE, len_half), "File is not a zip file"),
+          ("predictions-bytes-flipped", report.PREDICTIONS_FILE,
+           flip_middle(report.PREDICTIONS_FILE), ""),  # zlib's or zipfile's words
+          ("predictions-not-npz", report.PREDICTIONS_FILE, write(report.PREDICTIONS_FILE, b"junk"),
+           "not an .npz file (no zip header)"),
+      ]],
+]
+
+DOWNLOAD_CASES = [
+    # No folder, nothing cached (HOME is the case's), no network here: the command says it
+    # downloads before it waits, and fails within TIMEOUT_S (tensorflow-datasets alone
+    # retried for 206 s in silence).
+    Case("download-without-network", TRAIN, ("--epochs", "1", "--out", "{new}"),
+         "could not download MNIST: cannot reach storage.googleapis.com",
+         env={"HOME": "{tmp}/home"}, notice="downloading MNIST (4 files, 11 MB) from https://"),
+]
+
+CASES = FLAG_CASES + DATA_CASES + OUT_CASES + REPORT_CASES + DOWNLOAD_CASES
+
+
+def needs_mnist(case: Case) -> bool:
+    return (case.study or any("{shared}" in a for a in case.args)
+            or getattr(case.make, "copies_mnist", False))
+
+
+def run_command(module: str, *args, env: dict | None = None, timeout: float = TIMEOUT_S):
+    environ = {k: v for k, v in os.environ.items() if k != DATA_DIR_ENV}
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                          env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_study(mnist_path, tmp_path_factory) -> Path:
+    """One real study (2-conv and 3-conv, two seeds, one epoch, 480 images): ~30 s."""
+    out = tmp_path_factory.mktemp("finished") / "study"
+    proc = run_command(STUDY, "--data-dir", mnist_path, "--seeds", "2", "--epochs", "1",
+                       "--train-limit", "480", "--out", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request):
+    # The real data: skips without it (fails in CI, which always has it).
+    shared = request.getfixturevalue("mnist_path") if needs_mnist(case) else None
+    places = {"tmp": tmp_path, "data": tmp_path / "mnist", "new": tmp_path / "new-run",
+              "file": tmp_path / "a-file", "study": tmp_path / "study", "shared": shared}
+    (tmp_path / "a-file").write_text("a regular file\n")
+    (tmp_path / "home").mkdir()
+    if case.study:
+        shutil.copytree(request.getfixturevalue("finished_study"), tmp_path / "study")
+    if case.make is not None:
+        case.make(tmp_path, shared)
+    fill = lambda text: text.format(**places)  # noqa: E731
+    kept = Path(fill(case.keep)) if case.keep else None
+    before = snapshot(kept) if kept else None
+
+    proc = run_command(case.module, *map(fill, case.args),
+                       env={k: fill(v) for k, v in case.env.items()})
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output
+    assert proc.returncode == 2, output
+    lines = proc.stderr.splitlines()
+    if case.notice:
+        assert lines and lines[0].startswith(case.notice), proc.stderr
+        lines = lines[1:]
+    assert len(lines) == 1 and lines[0].strip(), proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    assert fill(case.expect) in lines[0]
+    assert not places["new"].exists()  # nothing created for a run that never started
+    if kept:
+        assert snapshot(kept) == before  # earlier results untouched, nothing added
+
+
+@pytest.mark.parametrize("module, args, error", [
+    (TRAIN, ["--conv", "32,32,32,32"], "mnist_jax.errors.ConfigError: conv_features"),
+    (STUDY, ["--data-dir", "{tmp}/nowhere"], "mnist_jax.errors.DataError: data folder"),
+    (REPORT, ["{tmp}/nowhere"], "mnist_jax.errors.UserError: "),
+], ids=["train-config", "study-data-dir", "report-folder"])
+def test_debug_shows_the_traceback_of_a_user_error(module, args, error, tmp_path):
+    """--debug: bad input raises with its traceback, as a bug always does (without
+    --debug these inputs are rows of the table: conv-depth-vanishes, data-dir-missing,
+    report-missing-folder)."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = ["--out", tmp_path / "new-run"] if module != REPORT else []
+    proc = run_command(module, *args, *out, "--debug")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(error), proc.stderr
+
+
+# ---- a disk that fills up during a write ----
+
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FailingFile:
+    """A real file whose write stores half the data, then raises `error`."""
+
+    def __init__(self, f, error: BaseException):
+        self.f, self.error = f, error
+
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        raise self.error
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+class _FailingOs:
+    """records' view of `os`, where every file write fails with `error` halfway."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def fdopen(self, fd, *args, **kwargs):
+        return _FailingFile(os.fdopen(fd, *args, **kwargs), self.error)
+
+
+@pytest.mark.parametrize("make_error",
+                         [disk_full, KeyboardInterrupt, lambda: RuntimeError("a bug")],
+                         ids=["disk-full", "interrupt", "bug"])
+def test_an_interrupted_atomic_write_keeps_the_previous_file(make_error, tmp_path, monkeypatch):
+    error = make_error()
+    target = tmp_path / "summary.json"
+    target.write_bytes(b'{"earlier": true}\n')
+    monkeypatch.setattr(records, "os", _FailingOs(error))
+    with pytest.raises(type(error)) as raised:
+        records.atomic_write_bytes(target, b'{"later": true}\n' * 100)
+    assert target.read_bytes() == b'{"earlier": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
+    if isinstance(error, OSError):
+        assert raised.value.filename == str(target)  # so the error line can name it
+
+
+@pytest.mark.mnist
+def test_a_full_disk_during_the_report_is_one_line_naming_the_file(finished_study, tmp_path,
+                                                                     monkeypatch, capsys):
+    study = tmp_path / "study"
+    shutil.copytree(finished_study, study)
+    before = snapshot(study)
+    monkeypatch.setattr(records, "os", _FailingOs(disk_full()))
+    assert report.main([str(study)]) == 2
+    err = capsys.readouterr().err
+    summary = study / report.SUMMARY_JSON
+    assert err.splitlines() == [f"error: {os.strerror(errno.ENOSPC)} ({summary})"]
+    assert snapshot(study) == before  # the summary and figures as they were, no temp file

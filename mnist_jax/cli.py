@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import shlex
 import sys
@@ -192,7 +193,11 @@ def resume_command(args, out: Path) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line ("error: ...") and exit status 2."""
+    """argparse, with a usage error on one line ("error: ...") and exit status 2, and no
+    abbreviated flags (the study would read `--conv 8,16` as `--conv-impl 8,16`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -202,6 +207,10 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
     """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
     and exit status 2, with no traceback (with `debug` (--debug), with its traceback).
     SIGINT and SIGTERM stop it cleanly (exit 130, 143; interrupts.py)."""
+    if not debug:
+        # Orbax and tensorflow-datasets log their failures through absl before raising; the
+        # one-line error below says the same, so their log lines would only repeat it.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         with interrupts.handled():
             body()

@@ -7,6 +7,7 @@ Accuracies are fractions here; the report prints them in percentage points.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -38,8 +39,12 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return None
-    result = stats.ttest_ind(b, a, equal_var=False)
-    ci = result.confidence_interval(confidence)
+    with warnings.catch_warnings():
+        # scipy warns of precision loss when the seeds' values (nearly) coincide, as on a
+        # small test set; the result is still exact enough, or NaN for no spread at all.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(b, a, equal_var=False)
+        ci = result.confidence_interval(confidence)
     spread = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
     difference = float(b.mean() - a.mean())
     return {

@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -43,13 +44,15 @@ def _run(cmd, **kwargs):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def _driver(tmp_path, mnist_path, out, patch: str) -> list[str]:
-    """A command that runs mnist_jax.train after `patch` (Python source) has run."""
+def _driver(tmp_path, mnist_path, out, patch: str, module: str = "mnist_jax.train") -> list[str]:
+    """A command that runs `module`'s main, with FLAGS, after `patch` (Python source)."""
+    argv = _command(mnist_path, out)[3:]
+    if module != "mnist_jax.train":  # the study trains its own two models
+        del argv[argv.index("--conv"):argv.index("--conv") + 2]
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(patch) + textwrap.dedent(f"""
-        import sys
-        from mnist_jax import train
-        sys.exit(train.main({_command(mnist_path, out)[3:]!r}))
+        import importlib, sys
+        sys.exit(importlib.import_module({module!r}).main({argv!r}))
     """))
     return [sys.executable, str(script)]
 
@@ -66,6 +69,10 @@ def _until_line(cmd, text: str, sig: int):
             break
     out, err = proc.communicate(timeout=300)
     return proc.returncode, "".join(lines) + out, err
+
+
+def copy_of(run):
+    return run.with_name(run.name + "-copy").absolute()
 
 
 def _files(run):
@@ -126,6 +133,28 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
         assert proc.stderr.startswith("error: cannot resume") and "other settings" in proc.stderr
         assert proc.stderr.count("\n") == 1
         assert _files(out) == before
+
+    # A damaged config, history or latest checkpoint: refused in one line naming it.
+    def damage_config(run):
+        (run / records.CONFIG_FILE).write_text('{"model": {"conv_fea')
+
+    def damage_history(run):
+        (run / records.HISTORY_FILE).write_text("epoch,seed\n1,0,7,9\nnot a row\n")
+
+    def damage_checkpoint(run):
+        for path in (run / LATEST_DIR / "2").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"")
+
+    for damage, message in ((damage_config, "config.json is damaged"),
+                            (damage_history, "history.csv is damaged"),
+                            (damage_checkpoint, f"cannot resume from {copy_of(out)}")):
+        shutil.copytree(out, copy_of(out))
+        damage(copy_of(out))
+        proc = _run(_command(mnist_path, copy_of(out), "--resume"))
+        assert_clean_exit(proc.returncode, proc.stderr, 2)
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        shutil.rmtree(copy_of(out))
 
     proc = _run(_command(mnist_path, out, "--resume"))
     assert proc.returncode == 0, proc.stderr
@@ -199,6 +228,71 @@ def test_ctrl_c_during_a_checkpoint_save_stops_cleanly_and_resumes(
     proc = _run(_command(mnist_path, out, "--resume"))
     assert proc.returncode == 0, proc.stderr
     assert_same_run(out, reference)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(
+        reference, mnist_path, tmp_path):
+    out = tmp_path / "run"
+    patch = """
+        import errno
+        import orbax.checkpoint as ocp
+        save = ocp.CheckpointManager.save
+        def full_disk(self, step, *args, **kwargs):
+            if step == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return save(self, step, *args, **kwargs)
+        ocp.CheckpointManager.save = full_disk
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch))
+    assert_clean_exit(proc.returncode, proc.stderr, 2)
+    assert proc.stderr.startswith(f"error: cannot write checkpoint {out.absolute()}/checkpoints/")
+    assert proc.stderr.rstrip().endswith("/2: OSError: No space left on device")
+    assert proc.stderr.count("\n") == 1
+    proc = _run(_command(mnist_path, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stdout
+    assert_same_run(out, reference)
+
+
+def test_a_diverging_seed_stops_alone_and_the_study_exits_non_zero(mnist_path, tmp_path):
+    """Seed 1 of 2conv gets a NaN loss from epoch 2 (15 steps per epoch here): it stops
+    with its epoch-1 best kept, seed 0 and 3conv go on, every file says so, exit 2."""
+    out = tmp_path / "study"
+    patch = """
+        import functools
+        import jax, jax.numpy as jnp
+        from mnist_jax import steps, train
+        from experiments import depth_study
+        target = jax.random.fold_in(jax.random.PRNGKey(1), train.RUN_STREAM)  # seed 1's rng
+        def poisoned(state, batch, key):
+            state_, metrics = steps.train_step(state, batch, key)
+            bad = jnp.all(state.rng == target) & (state.step >= 15)
+            params = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), state_.params)
+            return state_.replace(params=params), {
+                **metrics, "loss_sum": jnp.where(bad, jnp.nan, metrics["loss_sum"])}
+        def fit(*args, name, **kwargs):
+            if name == "2conv":
+                kwargs["train_step"] = poisoned
+            return train.fit(*args, name=name, **kwargs)
+        depth_study.fit = fit
+    """
+    cmd = _driver(tmp_path, mnist_path, out, patch, module="experiments.depth_study")
+    proc = _run(cmd)
+    assert_clean_exit(proc.returncode, proc.stderr, 2)
+    assert proc.stderr == ("error: training diverged (loss not finite) for 2conv seed(s) 1; "
+                           "the other seeds' results are complete: lower --learning-rate\n")
+    assert "[2conv] seed 1 diverged in epoch 2 (loss not finite)" in proc.stdout
+    result = records.read_json(out / "2conv" / records.RESULT_FILE)
+    seed0, seed1 = result["seeds"]
+    assert (seed1["diverged_epoch"], seed1["best_epoch"], seed1["epochs_run"]) == (2, 1, 2)
+    assert seed0["diverged_epoch"] is None and seed0["epochs_run"] == 3
+    assert (out / "2conv" / seed1["best_checkpoint"]).is_dir()
+    rows = [r for r in records.read_history(out / "2conv" / records.HISTORY_FILE)
+            if r["seed"] == 1]
+    assert [(r["epoch"], r["diverged"]) for r in rows] == [(1, False), (2, True)]
+    assert all(s["diverged_epoch"] is None and s["test_accuracy"] > 0.1 for s in
+               records.read_json(out / "3conv" / records.RESULT_FILE)["seeds"])
+    assert "diverged at 2" in (out / "summary.md").read_text()
 
 
 def test_ctrl_c_during_the_first_compilation_exits_130_without_a_traceback(mnist_path, tmp_path):

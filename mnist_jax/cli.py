@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -247,5 +248,6 @@ def log(line: str) -> None:
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
     except OSError as e:  # a full disk under a redirected log, a closed pipe
+        sys.stdout = open(os.devnull, "w")  # nothing more to it, not even at exit
         raise UserError(f"cannot write the log to stdout: {e.strerror or e} (the run's "
                         f"files so far are saved; --resume continues it)") from None

@@ -327,23 +327,35 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(mnist_path, tmp_path)
     assert_clean_exit(proc.returncode, err, 130)
 
 
-def test_two_runs_started_together_into_one_folder_leave_one_consistent_run(
+def test_two_studies_started_together_into_one_folder_leave_one_consistent_run(
         mnist_path, tmp_path):
-    out = tmp_path / "run"
-    procs = [subprocess.Popen(_command(mnist_path, out) + ["--seed", str(seed)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "study"
+    study = [sys.executable, "-m", "experiments.depth_study", "--data-dir", str(mnist_path),
+             "--seeds", "2", "--epochs", "1", "--train-limit", "480", "--out", str(out)]
+    procs = [subprocess.Popen(study + ["--seed", str(seed)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for seed in (0, 7)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    codes = sorted(rc for rc, _ in results)
-    assert codes == [0, 2], results
-    winner = [seed for seed, (rc, _) in zip((0, 7), results) if rc == 0][0]
-    refusal = [err for rc, err in results if rc == 2][0]
-    assert refusal.startswith("error: --out") and (
+    results = [(*p.communicate(timeout=600), p.returncode) for p in procs]
+    assert sorted(rc for _, _, rc in results) == [0, 2], results
+    winner = [seed for seed, (_, _, rc) in zip((0, 7), results) if rc == 0][0]
+    refusal = [err for _, err, rc in results if rc == 2][0]
+    assert refusal.startswith(f"error: --out {out}") and refusal.count("\n") == 1 and (
         "in use by another run" in refusal or "already holds files" in refusal), refusal
-    config = records.read_json(out / records.CONFIG_FILE)
-    assert config["train"]["seed"] == winner
-    assert {row["seed"] for row in records.read_history(out / records.HISTORY_FILE)} == \
-        {winner, winner + 1}
+    for model in ("2conv", "3conv"):
+        config = records.read_json(out / model / records.CONFIG_FILE)
+        assert config["train"]["seed"] == winner
+        assert {row["seed"] for row in records.read_history(out / model / records.HISTORY_FILE)} \
+            == {winner, winner + 1}
+    assert records.read_json(out / "summary.json")["variants"][0]["seeds"] == [winner, winner + 1]
+
+
+def test_a_log_that_cannot_be_written_stops_the_run_in_one_line(mnist_path, tmp_path):
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        proc = subprocess.run(_command(mnist_path, tmp_path / "run"), cwd=REPO, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
+    assert_clean_exit(proc.returncode, proc.stderr, 2)
+    assert proc.stderr == ("error: cannot write the log to stdout: No space left on device "
+                           "(the run's files so far are saved; --resume continues it)\n")
 
 
 def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path):

@@ -30,34 +30,48 @@ import orbax.checkpoint as ocp
 from mnist_jax.errors import CheckpointError
 
 
+def _latest_only_manager(directory: Path) -> ocp.CheckpointManager:
+    """A synchronous manager keeping only its latest save, which deletes on opening the
+    temporary folders of saves a killed process left unfinished."""
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(1),
+        enable_async_checkpointing=False,
+        create=True,
+        cleanup_tmp_directories=True,
+    )
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    except Exception as e:  # OSError, or Orbax refusing the folder
+        raise CheckpointError(f"cannot create checkpoint folder {directory}: "
+                              f"{_detail(e)}") from None
+
+
+def _save(manager: ocp.CheckpointManager, directory: Path, epoch: int, args,
+          metrics: dict[str, float] | None = None) -> None:
+    """One save, on disk when this returns; any failure (a full disk, ...) one line."""
+    try:
+        manager.save(epoch, args=args, metrics=metrics)
+        manager.wait_until_finished()
+    except Exception as e:  # OSError, or Orbax/TensorStore's own error types
+        raise CheckpointError(f"cannot write checkpoint {directory / str(epoch)}: "
+                              f"{type(e).__name__}: {_detail(e)}") from None
+
+
+def _detail(e: Exception) -> str:
+    return getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
+
+
 class BestCheckpoint:
     """The best state so far, under `directory/<epoch>/`. Use as a context manager."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(1),
-            enable_async_checkpointing=False,
-            create=True,
-            cleanup_tmp_directories=True,
-        )
-        try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
-        except Exception as e:  # OSError, or Orbax refusing the folder
-            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
-            raise CheckpointError(f"cannot create checkpoint folder {self.directory}: "
-                                  f"{detail}") from None
+        self._manager = _latest_only_manager(self.directory)
 
     def save(self, epoch: int, state, metrics: dict[str, float]) -> Path:
         """Save `state` as the checkpoint of `epoch`, with `metrics` (Python floats)."""
         metrics = {k: float(v) for k, v in metrics.items()}
-        try:
-            self._manager.save(epoch, args=ocp.args.StandardSave(state), metrics=metrics)
-            self._manager.wait_until_finished()
-        except Exception as e:  # OSError, or Orbax/TensorStore's own error types
-            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
-            raise CheckpointError(f"cannot write checkpoint {self.directory / str(epoch)}: "
-                                  f"{type(e).__name__}: {detail}") from None
+        _save(self._manager, self.directory, epoch, ocp.args.StandardSave(state), metrics)
         return self.directory / str(epoch)
 
     @property
@@ -100,32 +114,15 @@ class LatestCheckpoint:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(1),
-            enable_async_checkpointing=False,
-            create=True,
-            cleanup_tmp_directories=True,
-        )
-        try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
-        except Exception as e:
-            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
-            raise CheckpointError(f"cannot create checkpoint folder {self.directory}: "
-                                  f"{detail}") from None
+        self._manager = _latest_only_manager(self.directory)
 
     @property
     def epoch(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, epoch: int, states, best) -> None:
-        try:
-            self._manager.save(epoch, args=ocp.args.Composite(
-                states=ocp.args.StandardSave(states), best=ocp.args.StandardSave(best)))
-            self._manager.wait_until_finished()
-        except Exception as e:
-            detail = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
-            raise CheckpointError(f"cannot write checkpoint {self.directory / str(epoch)}: "
-                                  f"{type(e).__name__}: {detail}") from None
+        _save(self._manager, self.directory, epoch, ocp.args.Composite(
+            states=ocp.args.StandardSave(states), best=ocp.args.StandardSave(best)))
 
     def restore(self, like_states, like_best):
         """(epoch, states, best) of the latest checkpoint, shaped like the arguments."""

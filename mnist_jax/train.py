@@ -153,7 +153,7 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
     """
     cfg = train_config
     recorder = Recorder(out_dir, cfg.seed_values, resume=resume)
-    sampler = None
+    sampler = bars = None
     try:
         with interrupts.deferred():  # a signal waits for the next check(): never mid-JAX
             run = build_run(model_config, cfg, train_step=train_step, eval_step=eval_step, tx=tx)
@@ -201,7 +201,6 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
                 for i in np.flatnonzero(active):
                     log_stop(log, name, seeds[i], epoch, cfg.monitor, len(seeds) > 1)
             bars.close()
-            sampler.close()
             final = best if cfg.restore_best_weights else states
             evaluate_test(run, final, splits, seeds, recorder)
             recorder.write_result({
@@ -212,8 +211,9 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
                 "seeds": [seed_record(s) for s in seeds],
             })
     finally:
-        if sampler is not None:
-            sampler.close()
+        for part in (bars, sampler):
+            if part is not None:
+                part.close()
         recorder.close()
     return FitResult(final, history, seeds, num_params)
 

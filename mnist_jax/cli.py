@@ -94,7 +94,8 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                         default=d.batch_size,
                         help=f"training batch size, at most {MAX_BATCH_SIZE:,}; one larger than "
                              f"the training data is the whole data (default: {d.batch_size})")
-    parser.add_argument("--patience", type=non_negative_int, default=d.patience,
+    parser.add_argument("--patience", type=_int_at_least(0, "0 or more", MAX_EPOCHS),
+                        default=d.patience,
                         help="early stopping: epochs without val_accuracy improvement before "
                              f"stopping (default: {d.patience})")
     parser.add_argument("--seed", type=non_negative_int, default=d.seed,

@@ -189,6 +189,8 @@ FLAG_CASES = [
                "argument --seeds: 100000 is more than the limit of 1,000"),
     train_flag("patience-negative", ["--patience", "-1"],
                "argument --patience: -1 is not 0 or more"),
+    train_flag("patience-absurd", ["--patience", "20000"],
+               "argument --patience: 20000 is more than the limit of 10,000"),
     *[train_flag(f"learning-rate-{id}", args,
                  f"argument --learning-rate: learning rate must be a positive number, got {shown}")
       for id, args, shown in [

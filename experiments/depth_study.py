@@ -10,6 +10,8 @@ fixed stratified 5,000-image holdout of the training set and reporting the test 
 seed (--validation test: the notebook's protocol). Writes into --out (default
 runs/depth_study/<date-time>) a folder per model and summary.json, summary.md (with the
 comparison's sentence), curves.png, confusion.png, misclassified.png and resources.png.
+Ctrl-C or SIGTERM stops it cleanly (exit 130 or 143) with every finished epoch saved; the
+same command with `--resume --out DIR` continues it, to the same result.
 
 Expect (10 seeds on an H100, README): test accuracy 99.18 ± 0.16% for 2-conv and
 98.75 ± 0.07% for 3-conv, 3-conv 0.42 points lower (95% CI -0.54 to -0.30). Wall time:

@@ -17,6 +17,7 @@ for a training command on the development CPU, 1.5 s for the report).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import os
@@ -294,7 +295,12 @@ DOWNLOAD_CASES = [
          env={"HOME": "{tmp}/home"}, notice="downloading MNIST (4 files, 11 MB) from https://"),
 ]
 
-CASES = FLAG_CASES + DATA_CASES + OUT_CASES + REPORT_CASES + DOWNLOAD_CASES
+# In this process as well (their failures touch no global state): the data folders given
+# by flag, and the report. Through the environment variable, a real process each.
+IN_PROCESS = [dataclasses.replace(c, in_process=True) for c in DATA_CASES + REPORT_CASES
+              if not c.env]
+CASES = (FLAG_CASES + IN_PROCESS + [c for c in DATA_CASES if c.env] + OUT_CASES
+         + DOWNLOAD_CASES)
 
 
 def needs_mnist(case: Case) -> bool:
@@ -338,7 +344,7 @@ def finished_study(mnist_path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
-def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request, capsys):
+def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request, capsys, monkeypatch):
     # The real data: skips without it (fails in CI, which always has it).
     shared = request.getfixturevalue("mnist_path") if needs_mnist(case) else None
     places = {"tmp": tmp_path, "data": tmp_path / "mnist", "new": tmp_path / "new-run",
@@ -354,6 +360,8 @@ def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request, capsys
     before = snapshot(kept) if kept else None
 
     if case.in_process:
+        assert not case.env
+        monkeypatch.delenv(DATA_DIR_ENV, raising=False)  # as run_command's environment
         proc = run_in_process(case.module, [fill(a) for a in case.args], capsys)
     else:
         proc = run_command(case.module, *map(fill, case.args),

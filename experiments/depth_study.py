@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import sys
 
-from mnist_jax import cli, interrupts, report
+from mnist_jax import cli, report
 from mnist_jax.config import ModelConfig
-from mnist_jax.recorder import check_same_settings, is_finished
+from mnist_jax.recorder import finished_with_settings
 from mnist_jax.train import fit
 
 VARIANTS = {
@@ -42,8 +42,8 @@ def study(args, train_config, out) -> None:
     diverged = []
     for name, model_config in VARIANTS.items():
         model_config = cli.model_config(args, model_config)
-        if args.resume and is_finished(out / name):
-            check_same_settings(out / name, model_config, train_config, splits)
+        if args.resume and finished_with_settings(out / name, model_config, train_config,
+                                                  splits):
             cli.log(f"[{name}] finished in an earlier run: kept")
             diverged.append((name, report.diverged_seeds(out / name)))
             continue
@@ -66,13 +66,8 @@ def main(argv=None) -> int:
 
     def run():
         train_config = cli.train_config(args)
-        with cli.claim_out(args) as out:
-            try:
-                study(args, train_config, out)
-            except interrupts.Interrupted:
-                report.write_interrupted_summary(out, [out / name for name in VARIANTS])
-                cli.log(f"resume with: {cli.resume_command(args, out)}")
-                raise
+        with cli.claimed_out(args, lambda out: [out / name for name in VARIANTS]) as claim:
+            study(args, train_config, claim.path)
 
     return cli.run_main(run, debug=args.debug)
 

@@ -4,6 +4,7 @@ and turning a UserError into one line on stderr and exit status 2 (no traceback)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -182,6 +183,23 @@ def claim_out(args) -> records.RunDir:
     except OSError as e:
         raise UserError(f"cannot use --out {path}: {e.strerror or e}") from None
     return records.RunDir(path, resume=args.resume, what="--out")
+
+
+@contextlib.contextmanager
+def claimed_out(args, run_dirs: Callable[[Path], list[Path]]):
+    """claim_out for the body of a training command, yielding the claimed RunDir. On an
+    interrupt, the summary says how far `run_dirs(out)` got and the log says how to
+    resume, before the interrupt goes on to run_main."""
+    from mnist_jax import report  # report imports this module
+
+    claim = claim_out(args)
+    with claim as out:
+        try:
+            yield claim
+        except interrupts.Interrupted:
+            report.write_interrupted_summary(out, run_dirs(out))
+            log(f"resume with: {resume_command(args, out)}")
+            raise
 
 
 def resume_command(args, out: Path) -> str:

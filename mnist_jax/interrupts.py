@@ -93,7 +93,3 @@ def check() -> None:
     """Raise Interrupted if a stop has been requested."""
     if _requested is not None:
         raise Interrupted(_requested)
-
-
-def requested() -> int | None:
-    return _requested

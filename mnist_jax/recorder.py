@@ -42,6 +42,16 @@ def is_finished(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / records.RESULT_FILE).is_file()
 
 
+def finished_with_settings(run_dir: str | os.PathLike, model_config, train_config,
+                           splits) -> bool:
+    """For --resume: whether the run in `run_dir` is finished, and then was run with these
+    settings (else a one-line error: resuming must not mix settings in one study)."""
+    if not is_finished(run_dir):
+        return False
+    check_same_settings(run_dir, model_config, train_config, splits)
+    return True
+
+
 def check_same_settings(run_dir: str | os.PathLike, model_config, train_config, splits) -> None:
     """Refuse (one line, naming the differences) a run folder whose config.json records
     other settings than these: model, training protocol, seeds, data slice. Settings left
@@ -72,10 +82,10 @@ class Recorder:
 
     def __init__(self, out_dir: str | os.PathLike | records.RunDir | None,
                  seeds: tuple[int, ...], resume: bool = False):
-        claimed = isinstance(out_dir, records.RunDir) or out_dir is None
-        self._dir = None if claimed else records.RunDir(out_dir, resume=resume)
-        self.out = out_dir.path if isinstance(out_dir, records.RunDir) else (
-            self._dir.path if self._dir is not None else None)
+        # A folder not claimed yet is claimed here, and released by close().
+        self._owns_dir = out_dir is not None and not isinstance(out_dir, records.RunDir)
+        self._dir = records.RunDir(out_dir, resume=resume) if self._owns_dir else out_dir
+        self.out = self._dir.path if self._dir is not None else None
         self.seeds = seeds
         self._checkpoints: dict[int, BestCheckpoint] = {}
         self._latest: LatestCheckpoint | None = None
@@ -104,16 +114,18 @@ class Recorder:
 
     def latest(self, like_states, like_best):
         """(epoch, states, best) of the last finished epoch on disk, or None."""
-        if self.out is None:
+        if self.out is None or not self._latest_checkpoint().epoch:
             return None
-        self._latest = self._latest or LatestCheckpoint(self.out / LATEST_DIR)
-        return self._latest.restore(like_states, like_best) if self._latest.epoch else None
+        return self._latest_checkpoint().restore(like_states, like_best)
 
     def save_latest(self, epoch: int, states, best) -> None:
-        if self.out is None:
-            return
-        self._latest = self._latest or LatestCheckpoint(self.out / LATEST_DIR)
-        self._latest.save(epoch, states, best)
+        if self.out is not None:
+            self._latest_checkpoint().save(epoch, states, best)
+
+    def _latest_checkpoint(self) -> LatestCheckpoint:
+        if self._latest is None:
+            self._latest = LatestCheckpoint(self.out / LATEST_DIR)
+        return self._latest
 
     def keep_only_best(self, seed: int, epoch: int | None, state, metrics: dict) -> None:
         """On resume: seed `seed`'s best checkpoint is `epoch`'s (None: no checkpoint)."""
@@ -159,7 +171,7 @@ class Recorder:
             except Exception as e:  # close every manager; report the first failure
                 errors.append(e)
         self._checkpoints, self._latest = {}, None
-        if self._dir is not None:
+        if self._owns_dir:
             self._dir.close()
         if errors:
             raise errors[0]

@@ -32,7 +32,7 @@ from mnist_jax.early_stopping import EarlyStopping
 from mnist_jax.errors import UserError
 from mnist_jax.model import CNN, build_model, count_params, init_params
 from mnist_jax.progress import Progress
-from mnist_jax.recorder import Recorder, check_same_settings, is_finished, seed_checkpoint_dir
+from mnist_jax.recorder import Recorder, finished_with_settings, seed_checkpoint_dir
 from mnist_jax.resources import ResourceSampler
 
 INIT_STREAM = 0
@@ -391,19 +391,13 @@ def main(argv=None) -> int:
         model_config = cli.model_config(args, ModelConfig(conv_features=args.conv))
         train_config = cli.train_config(args)
         name = "conv" + "-".join(map(str, model_config.conv_features))
-        claim = cli.claim_out(args)
-        with claim as out:
-            try:
-                splits = cli.load_splits(args)
-                if args.resume and is_finished(out):
-                    check_same_settings(out, model_config, train_config, splits)
-                    cli.log(f"[{name}] finished in an earlier run: kept")
-                else:
-                    fit(model_config, train_config, splits, claim, name=name, resume=args.resume)
-            except interrupts.Interrupted:
-                report.write_interrupted_summary(out, [out])
-                cli.log(f"resume with: {cli.resume_command(args, out)}")
-                raise
+        with cli.claimed_out(args, lambda out: [out]) as claim:
+            out = claim.path
+            splits = cli.load_splits(args)
+            if args.resume and finished_with_settings(out, model_config, train_config, splits):
+                cli.log(f"[{name}] finished in an earlier run: kept")
+            else:
+                fit(model_config, train_config, splits, claim, name=name, resume=args.resume)
             summary = report.write_study_report(out, [out])
             print(report.format_text(summary))
             print(f"wrote {out}")

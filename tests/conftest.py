@@ -7,6 +7,9 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_deterministic_ops=true"]).strip()
 
+# The Keras comparisons run Keras 3 on JAX, already installed; TensorFlow is not needed.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

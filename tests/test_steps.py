@@ -183,7 +183,8 @@ def test_adam_matches_keras_epsilon_placement():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside TensorFlow
 def test_adam_matches_keras_itself():
-    keras = pytest.importorskip("keras")
+    import keras
+
     grads = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32) * 1e-3
     var = keras.Variable(np.zeros(3, np.float32))
     opt = keras.optimizers.Adam(1e-3)

@@ -194,7 +194,9 @@ def make_train_epoch(batch_size: int, engine: str, train_step: Callable = steps.
         def call(split, order, mask):
             return lambda carry, start, stop: chunk_fn(*carry, split, order, mask, start, stop)
     elif engine == "loop":
-        chunk_fn = jax.jit(functools.partial(_run_step, train_step), donate_argnums=(0, 1))
+        # Only the state is donated: _drive waits on a chunk's totals after queueing the
+        # next chunk, which takes them as input.
+        chunk_fn = jax.jit(functools.partial(_run_step, train_step), donate_argnums=0)
 
         def call(split, order, mask):
             def steps_(carry, start, stop):

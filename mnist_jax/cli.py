@@ -249,14 +249,20 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except Exception as e:
-        jax = sys.modules.get("jax")  # not imported (the report): the error is not JAX's
-        if debug or jax is None or not isinstance(e, jax.errors.JaxRuntimeError):
+        if debug or not _out_of_device_memory(e):
             raise  # a bug: keep its traceback
-        # e.g. RESOURCE_EXHAUSTED for a batch or model too large for the device
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
               file=sys.stderr)
         return 2
     return 0
+
+
+def _out_of_device_memory(e: Exception) -> bool:
+    """A batch or model too large for the device: the user's choice, not a bug. Any other
+    error from XLA (a deleted buffer, an invalid argument) is the program's."""
+    jax = sys.modules.get("jax")  # not imported (the report): the error is not JAX's
+    return (jax is not None and isinstance(e, jax.errors.JaxRuntimeError)
+            and str(e).lstrip().startswith("RESOURCE_EXHAUSTED"))
 
 
 def log(line: str) -> None:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import pytest
 
-from mnist_jax import records, report
+from mnist_jax import cli, records, report
 from mnist_jax.data import DATA_DIR_ENV
 
 from conftest import REPO
@@ -396,6 +396,27 @@ def test_debug_shows_the_traceback_of_a_user_error(module, args, error, tmp_path
     assert proc.returncode == 1, proc.stderr
     assert "Traceback (most recent call last)" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(error), proc.stderr
+
+
+def test_out_of_device_memory_is_one_line_and_other_xla_errors_keep_their_traceback(capsys):
+    """A batch too large for the device is the user's (exit 2, one line); any other
+    runtime error from XLA (a donated buffer used again, ...) is a bug and propagates."""
+    import jax
+
+    def raising(message):
+        def body():
+            raise jax.errors.JaxRuntimeError(message)
+        return body
+
+    oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.\nmore detail"
+    assert cli.run_main(raising(oom)) == 2
+    assert capsys.readouterr().err == ("error: RESOURCE_EXHAUSTED: Out of memory while "
+                                       "trying to allocate 4.00GiB.\n")
+    bug = "INVALID_ARGUMENT: BlockHostUntilReady() called on deleted or donated buffer"
+    with pytest.raises(jax.errors.JaxRuntimeError, match="donated buffer"):
+        cli.run_main(raising(bug))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        cli.run_main(raising(oom), debug=True)
 
 
 # ---- a disk that fills up during a write ----

@@ -32,7 +32,8 @@ from mnist_jax.early_stopping import EarlyStopping
 from mnist_jax.errors import UserError
 from mnist_jax.model import CNN, build_model, count_params, init_params
 from mnist_jax.progress import Progress
-from mnist_jax.recorder import Recorder, finished_with_settings, seed_checkpoint_dir
+from mnist_jax.recorder import (LATEST_DIR, Recorder, finished_with_settings,
+                               seed_checkpoint_dir)
 from mnist_jax.resources import ResourceSampler
 
 INIT_STREAM = 0
@@ -244,14 +245,29 @@ def resume_run(recorder: Recorder, seeds: list[SeedResult], states, best, monito
     checkpoint is made to match its best epoch."""
     point = recorder.latest(states, best)
     done, states, best = point if point is not None else (0, states, best)
-    history = [row for row in recorder.read_history() if row["epoch"] <= done]
+    written = recorder.read_history()
+    history = [row for row in written if row["epoch"] <= done]
+    path = recorder.out / records.HISTORY_FILE
+    if any(row["epoch"] > done + 1 for row in written):  # only epoch done + 1 may be unfinished
+        raise UserError(f"cannot resume: {path} has epoch {max(r['epoch'] for r in written)} "
+                        f"but the latest checkpoint ({LATEST_DIR}) is "
+                        f"{f'epoch {done}' if done else 'missing'}")
     by_seed = {s.seed: s for s in seeds}
     for row in history:
         seed = by_seed.get(row["seed"])
         if seed is None:
-            raise UserError(f"cannot resume: {recorder.out}/history.csv has seed "
-                            f"{row['seed']}, not one of {list(by_seed)}")
+            raise UserError(f"cannot resume: {path} has seed {row['seed']}, not one of "
+                            f"{list(by_seed)}")
+        if row["epoch"] != seed.epochs_run + 1:
+            raise UserError(f"cannot resume: {path} has seed {seed.seed}'s epoch "
+                            f"{row['epoch']} after its epoch {seed.epochs_run}")
         end_of_epoch(seed, row["epoch"], monitor, *replay_totals(row), 0, {})
+    for seed in seeds:  # a seed still training then has a row for every epoch up to `done`
+        if seed.active and seed.epochs_run != done:
+            missing = sorted({seed.epochs_run + 1, done})
+            raise UserError(f"cannot resume: {path} lacks seed {seed.seed}'s epoch"
+                            f"{'s' if done > seed.epochs_run + 1 else ''} "
+                            f"{'-'.join(map(str, missing))} (the latest checkpoint is epoch {done})")
     for i, seed in enumerate(seeds):
         rows = {r["epoch"]: r for r in history if r["seed"] == seed.seed}
         epoch = seed.early_stopping.best_epoch

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import termios
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -119,8 +118,18 @@ def reference(mnist_path, tmp_path_factory):
 def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
         reference, mnist_path, tmp_path):
     out = tmp_path / "run"
-    rc, _, _ = _until_line(_command(mnist_path, out), "epoch 2/3", signal.SIGKILL)
-    assert rc == -signal.SIGKILL
+    patch = """
+        import os, signal
+        from mnist_jax.recorder import Recorder
+        save_latest = Recorder.save_latest
+        def killed_after(self, epoch, states, best):
+            save_latest(self, epoch, states, best)
+            if epoch == 2:  # epoch 2 is finished on disk
+                os.kill(os.getpid(), signal.SIGKILL)
+        Recorder.save_latest = killed_after
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (out / records.RESULT_FILE).exists()
     before = _files(out)
 
@@ -146,14 +155,35 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
             if path.is_file():
                 path.write_bytes(b"")
 
+    def remove_history(run):
+        (run / records.HISTORY_FILE).unlink()
+
+    def drop_a_row(run):  # seed 1's epoch 2
+        rows = records.read_history(run / records.HISTORY_FILE)
+        records.write_history(run / records.HISTORY_FILE,
+                              [r for r in rows if (r["seed"], r["epoch"]) != (1, 2)])
+
+    def remove_latest(run):
+        shutil.rmtree(run / LATEST_DIR)
+
+    # Each refused without touching a file: replaying a history that lacks epochs would
+    # delete best checkpoints and restart early stopping from nothing.
     for damage, message in ((damage_config, "config.json is damaged"),
                             (damage_history, "history.csv is damaged"),
-                            (damage_checkpoint, f"cannot resume from {copy_of(out)}")):
+                            (damage_checkpoint, f"cannot resume from {copy_of(out)}"),
+                            (remove_history, "history.csv lacks seed 0's epochs 1-2 (the "
+                                             "latest checkpoint is epoch 2)"),
+                            (drop_a_row, "history.csv lacks seed 1's epoch 2 (the latest "
+                                         "checkpoint is epoch 2)"),
+                            (remove_latest, "history.csv has epoch 2 but the latest "
+                                            "checkpoint (checkpoints/latest) is missing")):
         shutil.copytree(out, copy_of(out))
         damage(copy_of(out))
+        damaged = _files(copy_of(out))
         proc = _run(_command(mnist_path, copy_of(out), "--resume"))
         assert_clean_exit(proc.returncode, proc.stderr, 2)
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert _files(copy_of(out)) == damaged
         shutil.rmtree(copy_of(out))
 
     proc = _run(_command(mnist_path, out, "--resume"))
@@ -314,17 +344,25 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(mnist_path, tmp_path):
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(mnist_path, tmp_path):
+    """Two Ctrl-Cs during the first checkpoint save (sent by the process to itself, so each
+    is handled before the next line runs): the first asks to stop after the save, the
+    second exits at once, before the save is finished."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(_command(mnist_path, out), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if "parameters" in line:
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.2)
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert_clean_exit(proc.returncode, err, 130)
+    patch = """
+        import os, signal
+        from mnist_jax import checkpointing
+        def twice_interrupted_save(self, epoch, state, metrics):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("not reached: the second Ctrl-C exits")
+        checkpointing.BestCheckpoint.save = twice_interrupted_save
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch))
+    assert_clean_exit(proc.returncode, proc.stderr, 130)
+    assert "SIGINT: stopping after the current chunk" in proc.stderr
+    assert "SIGINT again: exiting now" in proc.stderr
+    assert "not reached" not in proc.stderr
+    assert not (out / LATEST_DIR).exists()  # epoch 1 never finished
 
 
 def test_two_studies_started_together_into_one_folder_leave_one_consistent_run(
@@ -358,9 +396,12 @@ def test_a_log_that_cannot_be_written_stops_the_run_in_one_line(mnist_path, tmp_
                            "(the run's files so far are saved; --resume continues it)\n")
 
 
-def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path):
+def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.setattr(records.time, "strftime", lambda *args: "20261201-120000")
     paths = [records.new_run_dir(tmp_path) for _ in range(3)]
-    assert len(set(paths)) == 3 and all(p.is_dir() for p in paths)
+    assert [p.name for p in paths] == ["20261201-120000", "20261201-120000-2",
+                                       "20261201-120000-3"]
+    assert all(p.is_dir() for p in paths)
 
 
 def test_resume_needs_a_folder_that_holds_a_run(mnist_path, tmp_path):
@@ -395,7 +436,7 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_pipe(mnist_path, tmp_
     text = output.decode(errors="replace")
     assert status == 0, text[-2000:]
     assert "step/s" in text and "%|" in text  # tqdm's steps bar: rate and bar
-    assert "epochs" in text
+    assert "[conv8-16] epochs:" in text and "epoch/s" in text  # the epochs bar
 
     piped = _run(_command(mnist_path, tmp_path / "pipe"))
     assert piped.returncode == 0

@@ -277,8 +277,9 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size)
     if layout in ("vmap", "map"):
         if engine != "scan":
-            raise ConfigError(f"the {layout} layout needs the scan engine (the loop engine "
-                              f"dispatches from Python); use --layout sequential")
+            raise ConfigError(f"the {layout} layout needs the scan engine, not the loop engine "
+                              f"(which --engine auto picks for --conv-impl xla on CPU): use "
+                              f"--layout sequential or --engine scan")
         chunk = run_steps(train_step)
         if layout == "vmap":
             def masked_chunk(state, totals, split, order, mask, start, stop, active):

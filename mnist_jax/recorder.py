@@ -163,7 +163,9 @@ class Recorder:
                             wrong_indices=wrong, wrong_images=images[wrong, ..., 0])
         records.atomic_write_bytes(self.out / PREDICTIONS_FILE, buffer.getvalue())
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the checkpoint managers and end a claim made here (undone if the run
+        `failed` before writing anything)."""
         errors = []
         for checkpoint in [*self._checkpoints.values(), *filter(None, [self._latest])]:
             try:
@@ -172,6 +174,6 @@ class Recorder:
                 errors.append(e)
         self._checkpoints, self._latest = {}, None
         if self._owns_dir:
-            self._dir.close()
+            self._dir.release(failed)
         if errors:
             raise errors[0]

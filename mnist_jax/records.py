@@ -67,10 +67,13 @@ class RunDir:
         return self.path
 
     def __exit__(self, exc_type, *exc) -> None:
-        """On an error before anything was written, the claim is undone: a run that never
-        started leaves no folder behind."""
+        self.release(failed=exc_type is not None)
+
+    def release(self, failed: bool) -> None:
+        """End the claim. After a failure before anything was written, the claim is undone:
+        a run that never started leaves no folder behind."""
         try:
-            unused = exc_type is not None and [p.name for p in self.path.iterdir()] == [LOCK_FILE]
+            unused = failed and [p.name for p in self.path.iterdir()] == [LOCK_FILE]
             if unused:
                 (self.path / LOCK_FILE).unlink()
                 if self._created:

@@ -155,6 +155,7 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
     cfg = train_config
     recorder = Recorder(out_dir, cfg.seed_values, resume=resume)
     sampler = bars = None
+    finished = False
     try:
         with interrupts.deferred():  # a signal waits for the next check(): never mid-JAX
             run = build_run(model_config, cfg, train_step=train_step, eval_step=eval_step, tx=tx)
@@ -211,11 +212,12 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
                 "restored_best_weights": cfg.restore_best_weights,
                 "seeds": [seed_record(s) for s in seeds],
             })
+        finished = True
     finally:
         for part in (bars, sampler):
             if part is not None:
                 part.close()
-        recorder.close()
+        recorder.close(failed=not finished)
     return FitResult(final, history, seeds, num_params)
 
 

@@ -246,6 +246,11 @@ OUT_CASES = [
     Case("out-under-proc", TRAIN, (*RUN, "--out", "/proc/mnist_jax_forbidden/x"),
          "cannot create --out /proc/mnist_jax_forbidden/x: "),
     Case("out-is-a-file", STUDY, (*RUN, "--out", "{file}"), "--out {file} is a file, not a folder"),
+    # Refused after the data loads and the study's folder and 2conv's are claimed: both
+    # claims are undone, so the same --out can be used again.
+    Case("layout-needs-scan-engine", STUDY,
+         (*RUN, "--layout", "vmap", "--conv-impl", "xla", "--engine", "loop", "--out", "{new}"),
+         "the vmap layout needs the scan engine, not the loop engine"),
     Case("out-holds-files", STUDY, (*RUN, "--out", "{tmp}/used"),
          "--out {tmp}/used already holds files", make_dir("used", ["summary.json", "notes.txt"]),
          keep="{tmp}/used"),

@@ -22,6 +22,8 @@ GRID_COLUMNS = 10
 GRID_ROWS = 4
 
 
+CLASSES = 10  # MNIST's digits
+
 def save(fig, path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -81,7 +83,8 @@ def curves(runs: list[dict]):
     return fig
 
 
-def confusion_counts(labels: np.ndarray, predictions: np.ndarray, classes: int = 10) -> np.ndarray:
+def confusion_counts(labels: np.ndarray, predictions: np.ndarray,
+                     classes: int = CLASSES) -> np.ndarray:
     """[true, predicted] counts, summed over the rows (seeds) of predictions [K, N]."""
     counts = np.zeros((classes, classes), np.int64)
     for row in np.atleast_2d(predictions):

@@ -29,7 +29,6 @@ from mnist_jax.checkpointing import BestCheckpoint, LatestCheckpoint
 from mnist_jax.config import to_dict
 from mnist_jax.errors import UserError
 
-PREDICTIONS_FILE = "test_predictions.npz"
 LATEST_DIR = "checkpoints/latest"
 
 
@@ -161,7 +160,7 @@ class Recorder:
         np.savez_compressed(buffer, seeds=np.asarray(self.seeds, np.int64),
                             labels=labels.astype(np.int8), predictions=predictions.astype(np.int8),
                             wrong_indices=wrong, wrong_images=images[wrong, ..., 0])
-        records.atomic_write_bytes(self.out / PREDICTIONS_FILE, buffer.getvalue())
+        records.atomic_write_bytes(self.out / records.PREDICTIONS_FILE, buffer.getvalue())
 
     def close(self, failed: bool = False) -> None:
         """Close the checkpoint managers and end a claim made here (undone if the run

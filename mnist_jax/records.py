@@ -20,6 +20,7 @@ from mnist_jax.errors import UserError
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "test_predictions.npz"  # each seed's test predictions, for the figures
 
 
 LOCK_FILE = ".lock"  # held (flock) by the process writing the folder; the kernel frees it

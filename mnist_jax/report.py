@@ -32,7 +32,6 @@ NOTEBOOK_EPOCH_S = 11.6  # on a 16 GB GPU
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-PREDICTIONS_FILE = "test_predictions.npz"  # written by recorder.py
 FIGURES = {"curves": "curves.png", "confusion": "confusion.png",
            "misclassified": "misclassified.png", "resources": "resources.png"}
 RESOURCES = ("cpu_percent", "process_cpu_percent", "rss_mb", "ram_used_mb",
@@ -45,7 +44,7 @@ PROTOCOLS = {
 }
 
 
-RUN_FILES = (records.CONFIG_FILE, records.HISTORY_FILE, records.RESULT_FILE, PREDICTIONS_FILE)
+RUN_FILES = (records.CONFIG_FILE, records.HISTORY_FILE, records.RESULT_FILE, records.PREDICTIONS_FILE)
 # What the summary and the figures read: a file without them is not a run's.
 HISTORY_COLUMNS = ("epoch", "seed", "val_accuracy", "val_loss", "epoch_time_s")
 PREDICTION_ARRAYS = ("seeds", "labels", "predictions", "wrong_indices", "wrong_images")
@@ -58,7 +57,7 @@ def read_run(run_dir: str | Path) -> dict:
     readers = {"config": (records.CONFIG_FILE, records.read_json),
                "history": (records.HISTORY_FILE, records.read_history),
                "result": (records.RESULT_FILE, records.read_json),
-               "predictions": (PREDICTIONS_FILE, _read_npz)}
+               "predictions": (records.PREDICTIONS_FILE, _read_npz)}
     run = {"dir": run_dir}
     for key, (name, read) in readers.items():
         path = run_dir / name
@@ -78,13 +77,33 @@ def read_run(run_dir: str | Path) -> dict:
         raise UserError(f"{history_path} is damaged: it has no column {', '.join(lacking)}")
     lacking = [a for a in PREDICTION_ARRAYS if a not in run["predictions"]]
     if lacking:
-        raise UserError(f"{run_dir / PREDICTIONS_FILE} is damaged: it has no array "
+        raise UserError(f"{run_dir / records.PREDICTIONS_FILE} is damaged: it has no array "
                         f"{', '.join(lacking)}")
+    problem = _predictions_problem(run["predictions"])
+    if problem:
+        raise UserError(f"{run_dir / records.PREDICTIONS_FILE} is damaged: {problem}")
     for key, name in (("config", records.CONFIG_FILE), ("result", records.RESULT_FILE)):
         if not isinstance(run[key], dict):
             raise UserError(f"{run_dir / name} is damaged: it holds a JSON "
                             f"{type(run[key]).__name__}, not an object")
     return run
+
+
+def _predictions_problem(p: dict) -> str | None:
+    """What makes the test predictions unusable for the figures, if anything."""
+    labels, predictions, wrong = p["labels"], p["predictions"], p["wrong_indices"]
+    if labels.ndim != 1 or predictions.shape != (len(p["seeds"]), len(labels)):
+        return (f"predictions have shape {predictions.shape}, not (seeds, test images) = "
+                f"({len(p['seeds'])}, {len(labels)})")
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and not (0 <= values.min() and values.max() < plots.CLASSES):
+            return f"{name} outside 0..{plots.CLASSES - 1}"
+    missed = np.setdiff1d(np.flatnonzero((predictions != labels[None, :]).any(axis=0)), wrong)
+    if missed.size:
+        return f"wrong_indices lacks a misclassified test image (index {missed[0]})"
+    if len(p["wrong_images"]) != len(wrong):
+        return f"{len(p['wrong_images'])} wrong_images for {len(wrong)} wrong_indices"
+    return None
 
 
 def _read_npz(path: Path) -> dict:

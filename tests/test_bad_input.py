@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from mnist_jax import cli, records, report
@@ -155,6 +156,23 @@ def flip_middle(name, count=16):
     return alter
 
 
+def npz_changed(name, change: Callable[[dict], None]):
+    """Rewrite the npz `name` with its arrays as `change` leaves them (a valid npz)."""
+    def alter(run: Path) -> None:
+        with np.load(run / name) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        change(arrays)
+        with open(run / name, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    return alter
+
+
+def forget_first_wrong(arrays: dict) -> None:
+    arrays["wrong_indices"] = arrays["wrong_indices"][1:]
+    arrays["wrong_images"] = arrays["wrong_images"][1:]
+
+
 def len_half(raw: bytes) -> int:
     return len(raw) // 2
 
@@ -265,7 +283,7 @@ REPORT_CASES = [
            f"{{study}}/3conv is not a finished run: {name} is missing",
            in_study(lambda run, name=name: (run / name).unlink()), keep="{study}", study=True)
       for name in (records.RESULT_FILE, records.HISTORY_FILE, records.CONFIG_FILE,
-                   report.PREDICTIONS_FILE)],
+                   records.PREDICTIONS_FILE)],
     *[Case(f"report-{id}", REPORT, ("{study}",), f"{{study}}/3conv/{name} is damaged: {expect}",
            in_study(alter), keep="{study}", study=True)
       for id, name, alter, expect in [
@@ -282,12 +300,23 @@ REPORT_CASES = [
           ("history-other-columns", records.HISTORY_FILE,
            write(records.HISTORY_FILE, b"a,b\n1,2\n"),
            "it has no column epoch, seed"),
-          ("predictions-truncated", report.PREDICTIONS_FILE,
-           cut(report.PREDICTIONS_FILE, len_half), "File is not a zip file"),
-          ("predictions-bytes-flipped", report.PREDICTIONS_FILE,
-           flip_middle(report.PREDICTIONS_FILE), ""),  # zlib's or zipfile's words
-          ("predictions-not-npz", report.PREDICTIONS_FILE, write(report.PREDICTIONS_FILE, b"junk"),
+          ("predictions-truncated", records.PREDICTIONS_FILE,
+           cut(records.PREDICTIONS_FILE, len_half), "File is not a zip file"),
+          ("predictions-bytes-flipped", records.PREDICTIONS_FILE,
+           flip_middle(records.PREDICTIONS_FILE), ""),  # zlib's or zipfile's words
+          ("predictions-not-npz", records.PREDICTIONS_FILE, write(records.PREDICTIONS_FILE, b"junk"),
            "not an .npz file (no zip header)"),
+          # Readable arrays that do not fit together: the figures would fail on them.
+          ("predictions-one-seed-short", records.PREDICTIONS_FILE,
+           npz_changed(records.PREDICTIONS_FILE,
+                       lambda a: a.update(predictions=a["predictions"][:1])),
+           "predictions have shape (1, 80), not (seeds, test images) = (2, 80)"),
+          ("predictions-label-11", records.PREDICTIONS_FILE,
+           npz_changed(records.PREDICTIONS_FILE, lambda a: a["labels"].__setitem__(0, 11)),
+           "labels outside 0..9"),
+          ("predictions-wrong-index-missing", records.PREDICTIONS_FILE,
+           npz_changed(records.PREDICTIONS_FILE, forget_first_wrong),
+           "wrong_indices lacks a misclassified test image (index "),
       ]],
 ]
 

@@ -39,6 +39,13 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return None
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        # Equal values on each side: the variances computed around a rounded mean are
+        # ~1e-34, not 0, and would give p ~1e-29; there is no spread to test against.
+        return {"test": "Welch's two-sample t-test (two-sided)",
+                "difference": float(b[0] - a[0]), "ci_low": math.nan, "ci_high": math.nan,
+                "confidence": confidence, "t": math.nan, "df": math.nan, "p_value": math.nan,
+                "cohens_d": None}
     with warnings.catch_warnings():
         # scipy warns of precision loss when the seeds' values (nearly) coincide, as on a
         # small test set; the result is still exact enough, or NaN for no spread at all.

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from mnist_jax import stats
+from mnist_jax import report, stats
 
 
 def test_describe_gives_the_t_interval_of_the_mean():
@@ -74,3 +74,55 @@ def test_seeds_needed_for_half_the_difference():
     # t distribution's heavy tails cost most): 8 here.
     assert 2 * 3 <= n <= 4 * 3
     assert stats.seeds_needed(0.001, 0.0) is None and stats.min_detectable_difference(0.0, 3) is None
+
+
+def test_power_against_cohens_tables():
+    # Cohen (1988), Table 2.4.1 (two-sided, alpha 0.05, power 0.80): d = 0.5 needs 64 per
+    # group, d = 0.8 needs 26; Table 2.3.5: n = 20 per group at d = 0.5 has power 0.34.
+    assert stats.seeds_needed(0.5, 1.0) == 64
+    assert stats.seeds_needed(0.8, 1.0) == 26
+    assert stats.t_test_power(0.5, 1.0, 20) == pytest.approx(0.34, abs=0.005)
+
+
+def _variant(name, values, validation="holdout"):
+    metric = "test_accuracy" if validation == "holdout" else "best_val_accuracy"
+    return {"name": name, "validation": validation, metric: stats.describe(values)}
+
+
+def _sentence(a_values, b_values, validation="holdout"):
+    return report.compare(_variant("2conv", a_values, validation),
+                          _variant("3conv", b_values, validation))["sentence"]
+
+
+def test_the_sentence_says_worse_with_the_hand_worked_interval():
+    # Each side: sd 0.001 (in points 0.1), n 3. Difference -1.00 points, standard error
+    # sqrt(0.1^2/3 + 0.1^2/3) = 0.08165, df 4, t(0.975, 4) = 2.7764: -1.00 -/+ 0.2267 =
+    # -1.23 .. -0.77; t = -12.25 on 4 df, p = 0.00026.
+    assert _sentence([0.990, 0.991, 0.992], [0.980, 0.981, 0.982]) == (
+        "Over 3 seeds each, 3conv's test accuracy is 1.00 points lower than 2conv's "
+        "(95% CI -1.23 to -0.77; Welch's t-test p = 0.00026): 3conv does worse than 2conv here.")
+
+
+def test_the_sentence_says_better_and_names_the_metric_of_the_protocol():
+    assert _sentence([0.980, 0.981, 0.982], [0.990, 0.991, 0.992], validation="test") == (
+        "Over 3 seeds each, 3conv's best validation accuracy (on the test set) is 1.00 points "
+        "higher than 2conv's (95% CI +0.77 to +1.23; Welch's t-test p = 0.00026): "
+        "3conv does better than 2conv here.")
+
+
+def test_the_sentence_claims_nothing_when_the_interval_holds_zero():
+    # Differences +0.1, -0.1, 0 points around equal means: the interval spans 0.
+    text = _sentence([0.990, 0.992, 0.994], [0.993, 0.989, 0.994])
+    assert text.startswith("Over 3 seeds each, 3conv's test accuracy is 0.00 points ")
+    assert "no difference can be claimed (these seeds detect about " in text
+
+
+def test_the_sentence_with_one_seed_or_no_spread_makes_no_test():
+    assert _sentence([0.99], [0.98]) == (
+        "With 1 seed per variant there is no spread to test against: 3conv's test accuracy "
+        "is 1.00 points lower than 2conv's in this one run, the size of the seed-to-seed "
+        "spread; run --seeds 3 or more for an interval and a test.")
+    # Equal values on each side (their float variances are ~1e-34, not 0): no test either.
+    assert _sentence([0.99] * 3, [0.98] * 3) == (
+        "Over 3 seeds each, 3conv's test accuracy is 1.00 points lower than 2conv's, with "
+        "no spread between seeds: no test is possible.")

@@ -131,15 +131,15 @@ def time_jax_epoch(jr: JaxRun) -> dict:
     """One fit() epoch (train + validation of every seed), timed up to the host holding
     both sets of totals: train.run_epoch, the function fit() calls (with its progress
     bars when `jr.bar`)."""
-    bars = Progress("bench", 1, enabled=True) if jr.bar else None
+    # fit()'s own chunk callback: it waits for each chunk (one chunk late) and checks for
+    # an interrupt, with the bars drawn or not.
+    bars = Progress("bench", 1, enabled=jr.bar)
     start = time.perf_counter()
     jr.states, train_totals, val_totals = run_epoch(
         jr.run.epochs, jr.states, jr.train_split, jr.val_split, [True] * jr.seeds,
-        on_chunk=bars.epoch_started(1, jr.steps) if bars else None)
-    jax.block_until_ready(jr.states)  # a no-op once the totals are here; kept for safety
-    seconds = time.perf_counter() - start
-    if bars:
-        bars.close()
+        on_chunk=bars.epoch_started(1, jr.steps))
+    seconds = time.perf_counter() - start  # the validation totals need the final states
+    bars.close()
     # Seed 0's metrics: the same seed at every seed count, so runs can be compared.
     return {"seconds": seconds, **engine.per_seed_means("train", train_totals)[0],
             **engine.per_seed_means("val", val_totals)[0]}

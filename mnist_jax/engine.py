@@ -4,11 +4,11 @@ host syncs.
 `run_steps` is the pure chunk of an epoch (a loop over steps start..stop) and `scan_epoch`
 the pure whole epoch; `compile_epochs` is the one place where they meet jit, vmap over
 seeds and donation, and returns the `Epochs` that fit() and the benchmark run on a state
-with a leading seed axis. An epoch runs as a few dozen calls of one compiled chunk program
-(TrainConfig.epoch_chunks): between chunks the host moves the progress bar and honours an
+with a leading seed axis. An epoch runs as TrainConfig.epoch_chunks (20) calls of one
+compiled chunk program: between chunks the host moves the progress bar and honours an
 interrupt, waiting for chunk j only once chunk j + 1 is queued; the results are bit for
-bit those of one call (tested). `make_train_epoch` and
-`make_evaluate` compile one seed's epoch and validation pass. Totals are device scalars
+bit those of one call (tested). `make_train_epoch` and `make_evaluate` compile one seed's
+epoch and validation pass (the sequential layout's parts). Totals are device scalars
 (loss_sum, correct, count) that the host divides once per epoch.
 
 Every key derives from the state: dropout from (state.rng, step), the shuffle from
@@ -254,11 +254,13 @@ class Epochs(NamedTuple):
         seeds where `active` [K] bool is True (the others' states come back unchanged), as
         `chunks` compiled calls, `on_chunk(steps)` after each finished one.
     evaluate(states, split) -> (totals, predictions [K, N]) for every seed.
+    keep_best(best, states, improved [K] bool) -> best: each improved seed's new state.
     Totals are dicts of [K] device arrays (loss_sum, correct, count).
     """
 
     train: Callable
     evaluate: Callable
+    keep_best: Callable
     engine: str
     layout: str
 
@@ -305,19 +307,20 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
         evaluate_all = _evaluate_with(jax.jit(eval_batch), eval_batch_size)
 
         def train(states, split, active, on_chunk=None):
+            training = sum(map(bool, active))  # counted on the host: no device round trip
             active = jnp.asarray(active)
             order, mask = orders(states, split.size, batch_size)
             totals = _seed_axis(zero_totals(), seed_count(states))
             call = lambda carry, start, stop: train_chunk(  # noqa: E731
                 *carry, split, order, mask, start, stop, active)
             return _drive(call, (states, totals), chunk_bounds(order.shape[1], chunks),
-                          on_chunk, int(active.sum()))
+                          on_chunk, training)
 
         def evaluate(states, split):
             return evaluate_all(states, split, _seed_axis(zero_totals(), seed_count(states)))
 
         train.train_chunk = train_chunk  # exposed so tests can count traces
-        return Epochs(train, evaluate, engine, layout)
+        return Epochs(train, evaluate, jax.jit(keep_best), engine, layout)
 
     if layout == "sequential":
         train_one = make_train_epoch(batch_size, engine, train_step, chunks)
@@ -335,12 +338,11 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
             return stack_seeds([t for t, _ in results]), jnp.stack([p for _, p in results])
 
         train.train_one = train_one  # exposed so tests can count traces
-        return Epochs(train, evaluate, engine, layout)
+        return Epochs(train, evaluate, jax.jit(keep_best), engine, layout)
 
     raise ValueError(f"layout must be 'vmap', 'map' or 'sequential', got {layout!r}")
 
 
-@jax.jit
 def keep_best(best, states, improved):
     """Per seed, the new state where `improved` [K] is True, else the best so far (new
     buffers: the next epoch donates `states`)."""
@@ -380,8 +382,9 @@ def resolve_layout(layout: str, engine: str, backend: str | None = None) -> str:
 def resolve_engine(engine: str, conv_impl: str, backend: str | None = None) -> str:
     """ "auto": the engine measured fastest for the backend and conv formulation.
 
-    Scan everywhere, except XLA:CPU's own convolution, which runs about 10x slower inside
-    a scan than as a top-level op (benchmarks/epoch_speed.py measures both).
+    Scan everywhere, except XLA:CPU's own convolution, which runs several times slower
+    inside a loop program than as a top-level op (about 6x for the convolution alone in
+    ../shared/PERF_NOTES.md; an epoch of about 100 s against 12 s; README, Speed).
     """
     if engine != "auto":
         return engine

@@ -194,7 +194,7 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
                           "seeds_trained": sum(active), **sampler.end_epoch()}
                 rows = [end_of_epoch(seeds[i], epoch, cfg.monitor, train_totals, val_totals, i,
                                      shared) for i in np.flatnonzero(active)]
-                best = keep_best(recorder, seeds, rows, epoch, states, best)
+                best = keep_best(run.epochs, recorder, seeds, rows, epoch, states, best)
                 history += rows
                 recorder.write_history(history)
                 recorder.save_latest(epoch, states, best)  # the epoch is finished on disk
@@ -221,14 +221,14 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
     return FitResult(final, history, seeds, num_params)
 
 
-def keep_best(recorder: Recorder, seeds: list[SeedResult], rows: list[dict], epoch: int,
-              states, best):
+def keep_best(epochs: engine.Epochs, recorder: Recorder, seeds: list[SeedResult],
+              rows: list[dict], epoch: int, states, best):
     """The best states after `epoch`: the improved seeds' new states, kept in memory (a
     copy, since the next epoch donates `states`) and saved as their best checkpoints."""
     improved = [s.active_at(epoch) and s.early_stopping.improved for s in seeds]
     if not any(improved):
         return best
-    best = engine.keep_best(best, states, jnp.asarray(improved))
+    best = epochs.keep_best(best, states, jnp.asarray(improved))
     for i in np.flatnonzero(improved):
         row = next(r for r in rows if r["seed"] == seeds[i].seed)
         recorder.save_best(seeds[i].seed, epoch, engine.seed_slice(states, i),

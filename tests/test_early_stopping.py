@@ -80,10 +80,14 @@ def test_agrees_with_keras_on_random_sequences(seed):
         mode = rng.choice(["max", "min"])
         patience = rng.randint(0, 4)
         min_delta = rng.choice([0.0, 0.01])
-        values = [round(rng.uniform(0, 1), 2) for _ in range(rng.randint(1, 15))]
+        baseline = rng.choice([None, None, 0.5])
+        start_from_epoch = rng.choice([0, 0, 2])
+        values = [round(rng.uniform(0, 1), 2)
+                  for _ in range(rng.randint(start_from_epoch + 1, 15))]
+        options = dict(mode=mode, patience=patience, min_delta=min_delta, baseline=baseline,
+                       start_from_epoch=start_from_epoch)
 
-        callback = keras.callbacks.EarlyStopping(monitor="m", mode=mode, patience=patience,
-                                                 min_delta=min_delta)
+        callback = keras.callbacks.EarlyStopping(monitor="m", **options)
         stop = type("Model", (), {"stop_training": False})()
         callback.set_model(stop)
         callback.on_train_begin()
@@ -94,7 +98,7 @@ def test_agrees_with_keras_on_random_sequences(seed):
             if stop.stop_training:
                 break
 
-        es, epochs_run = run(values, mode=mode, patience=patience, min_delta=min_delta)
-        assert epochs_run == keras_epochs, (values, mode, patience, min_delta)
+        es, epochs_run = run(values, **options)
+        assert epochs_run == keras_epochs, (values, options)
         assert es.best_epoch == callback.best_epoch + 1
         assert (es.stopped_epoch or 0) == (callback.stopped_epoch + 1 if stop.stop_training else 0)

@@ -2,6 +2,7 @@
 where Keras' EarlyStopping would, frozen from then on."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,6 +76,32 @@ def test_an_epoch_in_chunks_is_the_epoch_in_one_call(tiny, layout, engine_):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
+def test_epochs_after_the_first_compile_nothing(tiny, layout):
+    """fit()'s epoch (train chunks, validation, keeping the best) compiles in epoch 1 only;
+    later epochs, one with a seed stopped, reuse the programs (no retrace per epoch)."""
+    compiles = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    run = build_run(SMALL, TrainConfig(seed=0, seeds=2, layout=layout, epoch_chunks=3))
+    train, val = engine.to_device(*tiny.train), engine.to_device(*tiny.test)
+    states, best = run.states, jax.tree.map(jnp.copy, run.states)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        for epoch, active in enumerate(([True, True], [True, True], [True, False]), start=1):
+            if epoch == 2:
+                compiles.clear()
+            states, _, _ = run_epoch(run.epochs, states, train, val, active,
+                                     on_chunk=lambda steps: None)
+            best = run.epochs.keep_best(best, states, jnp.asarray([epoch == 2, active[1]]))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compiles == []
+
+
 def _keras_stop_epoch(values, patience):
     """Keras 3's rule, written out: the first epoch always improves; a strict improvement
     resets the wait; stop at the end of the epoch where the wait reaches patience."""
@@ -92,17 +119,20 @@ def _keras_stop_epoch(values, patience):
 @pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
 def test_each_seed_stops_where_keras_would_and_stays_frozen(tiny, layout):
     splits = data.make_splits(tiny, "test")
+    # On val_loss: the synthetic data's accuracy reaches 1.0 in the same epoch for every
+    # seed, its loss does not, so the seeds stop at different epochs.
     cfg = TrainConfig(seed=0, seeds=3, layout=layout, epochs=12, patience=1,
-                      learning_rate=3e-2, restore_best_weights=False)
+                      learning_rate=1e-2, monitor="val_loss", restore_best_weights=False)
     result = fit(SMALL, cfg, splits, None, log=lambda line: None)
     stops = []
     for i, seed in enumerate(result.seeds):
         rows = [r for r in result.history if r["seed"] == seed.seed]
-        values = [r["val_accuracy"] for r in rows]
+        values = [-r["val_loss"] for r in rows]  # a loss falls: the rule for a rising value
         assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
         assert seed.early_stopping.stopped_epoch == _keras_stop_epoch(values, 1)
         assert seed.epochs_run == len(rows)
         # Not trained after it stopped: its final state has exactly its own epochs' steps.
         assert int(result.states.step[i]) == seed.epochs_run * 16
         stops.append(seed.epochs_run)
+    assert len(set(stops)) > 1, stops  # else no seed was ever frozen while others trained
     assert max(stops) == max(r["epoch"] for r in result.history)  # ran until the last stopped

@@ -75,6 +75,33 @@ def test_fit_stops_early_by_keras_rules_and_restores_the_best_epoch(splits, tmp_
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
+def test_each_seed_gets_its_own_best_weights_back(splits, tmp_path, layout):
+    """Three seeds whose best epochs differ: each seed's returned state, best checkpoint
+    and test figures are its own best epoch's, not another seed's or the last epoch's.
+    Monitored on val_loss (mode min): the synthetic data's accuracy saturates at 1.0 in
+    the same epoch for every seed, its loss does not."""
+    cfg = TrainConfig(epochs=8, patience=1, seed=0, seeds=3, layout=layout, learning_rate=1e-2,
+                      monitor="val_loss")
+    result = fit(SMALL, cfg, splits, tmp_path, log=lambda line: None)
+    best_epochs = [s.early_stopping.best_epoch for s in result.seeds]
+    assert len(set(best_epochs)) > 1, best_epochs  # else a mix-up of seeds could pass
+    saved = json.loads((tmp_path / records.RESULT_FILE).read_text())["seeds"]
+    for i, (seed, best) in enumerate(zip(result.seeds, best_epochs)):
+        state = jax.tree.map(lambda x: x[i], result.states)
+        assert int(state.step) == best * 16  # 16 steps per epoch
+        checkpoint = restore_state(tmp_path / seed_checkpoint_dir(seed.seed), best, state)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(checkpoint)):
+            np.testing.assert_array_equal(a, b)
+        # Validation is the test split here: the restored weights score what epoch `best` did.
+        row = next(r for r in result.history if (r["seed"], r["epoch"]) == (seed.seed, best))
+        assert saved[i]["seed"] == seed.seed and saved[i]["best_epoch"] == best
+        assert saved[i]["best_value"] == row["val_loss"] == min(
+            r["val_loss"] for r in result.history if r["seed"] == seed.seed)
+        assert saved[i]["test_accuracy"] == row["val_accuracy"]
+        assert saved[i]["test_loss"] == row["val_loss"]
+
+
 def test_fit_refuses_a_used_run_folder(splits, tmp_path):
     (tmp_path / "history.csv").write_text("epoch\n1\n")
     with pytest.raises(UserError, match="already holds files"):
@@ -134,49 +161,18 @@ def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
     assert welch["ci_low"] <= welch["difference"] <= welch["ci_high"]
     assert summary["comparisons"][0]["metric"] == "test_accuracy"
     assert summary["sentence"] in proc.stdout and "Over 3 seeds each" in summary["sentence"]
-    figures = {f: (out / f).stat().st_mtime_ns for f in report.FIGURES.values()}
+    figures = list(report.FIGURES.values())
     assert all((out / f).stat().st_size > 10_000 for f in figures)
     assert "2conv" in proc.stdout and "val_acc" in proc.stdout
     # The report redraws every figure and the summary from the files alone, without JAX.
-    (out / "summary.json").unlink()
+    for name in ("summary.json", *figures):
+        (out / name).unlink()
     code = ("import runpy, sys; sys.modules['jax'] = None; sys.argv = ['report', sys.argv[1]];"
             "runpy.run_module('mnist_jax.report', run_name='__main__')")
     proc = _run("-c", code, str(out))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "summary.json").read_text())["sentence"] == summary["sentence"]
-    assert all((out / f).stat().st_mtime_ns > t for f, t in figures.items())
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs: 0 is not a positive integer"),
-    (["--batch-size", "x"], "--batch-size: 'x' is not an integer"),
-    (["--learning-rate", "nan"], "learning rate must be a positive number, got nan"),
-    (["--learning-rate", "-1"], "learning rate must be a positive number, got -1.0"),
-    (["--engine", "fast"], "invalid choice: 'fast'"),
-    (["--data-dir", "/nonexistent/mnist"], "data folder /nonexistent/mnist (--data-dir) does not exist"),
-])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    proc = _run("-m", "experiments.depth_study", "--out", str(tmp_path / "o"), *args)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "o").exists()  # nothing created for a run that never started
-
-
-@pytest.mark.mnist
-def test_an_unusable_output_folder_is_one_line(mnist_path, tmp_path):
-    proc = _run("-m", "mnist_jax.train", "--data-dir", str(mnist_path), "--train-limit", "64",
-                "--epochs", "1", "--out", "/proc/mnist_jax_cannot_write_here")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: cannot create --out /proc/mnist_jax_cannot_write_here")
-
-
-def test_a_used_output_folder_is_refused_and_kept(tmp_path):
-    (tmp_path / "keep.txt").write_text("earlier result")
-    proc = _run("-m", "mnist_jax.train", "--out", str(tmp_path), "--data-dir", "/nonexistent")
-    assert proc.returncode == 2 and "already holds files" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert (tmp_path / "keep.txt").read_text() == "earlier result"
+    assert all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
 
 def test_another_optimizer_swaps_in_without_editing_the_library(splits):
@@ -223,19 +219,12 @@ def test_same_seed_same_files_across_processes(mnist_path, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_data_dir_that_is_a_file_is_one_line(tmp_path):
-    (tmp_path / "f").write_text("")
-    proc = _run("-m", "experiments.depth_study", "--data-dir", str(tmp_path / "f"),
-                "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: data folder {tmp_path / 'f'} (--data-dir) is a file, not a folder"
-
-
 def test_benchmark_runs_in_tiny_mode(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run("-m", "benchmarks.epoch_speed", "--tiny", "--frameworks", "jax",
                 "--variants", "2conv", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())["results"]["2conv"]["jax"]
-    assert result["median_s"] > 0 and result["num_params"] == 113_386
-    assert result["compile_s"] > 0
+    assert result["num_params"] == 113_386  # the notebook's 2-conv model (Keras' count)
+    assert result["timed_backend_compiles"] == 0  # the timed epochs compiled nothing
+    assert result["timed_epochs"] >= 1 and "compile_s" in result

@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import select
+import shlex
 import shutil
 import signal
 import struct
@@ -51,6 +52,7 @@ def _driver(tmp_path, mnist_path, out, patch: str, module: str = "mnist_jax.trai
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(patch) + textwrap.dedent(f"""
         import importlib, sys
+        sys.argv = [{module!r}, *{argv!r}]  # as `python -m` would see them (the resume hint)
         sys.exit(importlib.import_module({module!r}).main({argv!r}))
     """))
     return [sys.executable, str(script)]
@@ -201,6 +203,52 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
     assert_clean_exit(proc.returncode, proc.stderr, 2)
     assert "other settings" in proc.stderr and "train.seeds: 2 there, 3 now" in proc.stderr
     assert_same_run(out, reference)
+
+
+def test_a_study_stopped_in_its_second_model_resumes_with_the_printed_command(
+        mnist_path, tmp_path):
+    """Ctrl-C after 3conv's first epoch: 2conv is finished, 3conv half done. The exact
+    command the study prints keeps 2conv, finishes 3conv, and ends where an uninterrupted
+    study ends."""
+    study = ["-m", "experiments.depth_study", "--data-dir", str(mnist_path)]
+    flags = FLAGS[2:]  # no --conv: the study trains its own two models
+    reference = tmp_path / "reference"
+    proc = _run([sys.executable, *study, *flags, "--out", str(reference)])
+    assert proc.returncode == 0, proc.stderr
+
+    out = tmp_path / "study"
+    patch = """
+        import os, signal
+        from mnist_jax.recorder import Recorder
+        save_latest = Recorder.save_latest
+        def interrupted_after(self, epoch, states, best):
+            save_latest(self, epoch, states, best)
+            if self.out.name == "3conv" and epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        Recorder.save_latest = interrupted_after
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch, module="experiments.depth_study"))
+    assert_clean_exit(proc.returncode, proc.stderr, 130)
+    hint = [line for line in proc.stdout.splitlines() if line.startswith("resume with: ")]
+    assert len(hint) == 1, proc.stdout
+    command = shlex.split(hint[0].removeprefix("resume with: "))
+    assert command[:3] == ["python", "-m", "experiments.depth_study"] and "--resume" in command
+    assert (out / "2conv" / records.RESULT_FILE).exists()
+    assert not (out / "3conv" / records.RESULT_FILE).exists()
+
+    proc = _run([sys.executable, *command[1:]])
+    assert proc.returncode == 0, proc.stderr
+    assert "[2conv] finished in an earlier run: kept" in proc.stdout
+    assert "[3conv]" in proc.stdout and "resuming after epoch 1" in proc.stdout
+    for name in ("2conv", "3conv"):
+        assert _history(out / name) == _history(reference / name)
+        assert records.read_json(out / name / records.RESULT_FILE) == \
+            records.read_json(reference / name / records.RESULT_FILE)
+    summary, expected = (records.read_json(d / "summary.json") for d in (out, reference))
+    assert summary["sentence"] == expected["sentence"]
+    for mine, theirs in zip(summary["variants"], expected["variants"], strict=True):
+        for key in ("per_seed", "test_accuracy", "best_val_accuracy", "best_epoch", "epochs_run"):
+            assert mine[key] == theirs[key]  # not the times: they differ run to run
 
 
 def test_sigkill_during_a_checkpoint_save_leaves_it_ignored_and_resume_is_exact(

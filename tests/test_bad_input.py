@@ -345,8 +345,14 @@ def needs_mnist(case: Case) -> bool:
             or getattr(case.make, "copies_mnist", False))
 
 
+# No row needs the network; without a proxy the download row fails the same way everywhere
+# (through a proxy, the connection check is skipped and tensorflow-datasets' words differ).
+PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
 def run_command(module: str, *args, env: dict | None = None, timeout: float = TIMEOUT_S):
-    environ = {k: v for k, v in os.environ.items() if k != DATA_DIR_ENV}
+    environ = {k: v for k, v in os.environ.items()
+               if k != DATA_DIR_ENV and k.lower() not in PROXY_VARIABLES}
     environ.update(env or {})
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
                           env=environ, capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from mnist_jax import data, records, report
+from mnist_jax import cli, data, records, report
 from mnist_jax.checkpointing import restore_state
 from mnist_jax.recorder import seed_checkpoint_dir
 from mnist_jax.config import ModelConfig, TrainConfig
@@ -173,6 +173,32 @@ def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "summary.json").read_text())["sentence"] == summary["sentence"]
     assert all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+
+
+@pytest.mark.mnist
+def test_every_training_flag_reaches_the_configs_and_the_splits(mnist_path):
+    parser = cli.ArgumentParser(prog="test")
+    cli.add_training_args(parser, default_out="runs/test")
+    args = parser.parse_args([
+        "--data-dir", str(mnist_path), "--epochs", "7", "--batch-size", "64", "--patience", "2",
+        "--seed", "5", "--seeds", "4", "--layout", "map", "--learning-rate", "0.002",
+        "--engine", "loop", "--conv-impl", "xla", "--pool-impl", "window",
+        "--validation", "test", "--train-limit", "600"])
+    assert cli.train_config(args) == TrainConfig(
+        seed=5, seeds=4, layout="map", epochs=7, batch_size=64, patience=2,
+        learning_rate=0.002, engine="loop")
+    assert cli.model_config(args, ModelConfig(conv_features=(32, 32))) == ModelConfig(
+        conv_features=(32, 32), conv_impl="xla", pool_impl="window")
+    splits = cli.load_splits(args)  # the notebook's protocol: validation is the test set
+    assert splits.validation == "test" and len(splits.train.labels) == 600
+    assert len(splits.val.labels) == len(splits.test.labels) == 100
+    np.testing.assert_array_equal(splits.val.images, splits.test.images)
+
+    splits = cli.load_splits(parser.parse_args(
+        ["--data-dir", str(mnist_path), "--holdout-size", "1200"]))
+    assert splits.validation == "holdout"
+    assert [len(s.labels) for s in (splits.train, splits.val, splits.test)] == [58_800, 1_200,
+                                                                               10_000]
 
 
 def test_another_optimizer_swaps_in_without_editing_the_library(splits):

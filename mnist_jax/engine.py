@@ -122,14 +122,18 @@ def run_steps(train_step: Callable = steps.train_step) -> Callable:
 
     def chunk(state, totals, split, order, mask, start, stop):
         def body(i, carry):
-            state, totals = carry
-            batch = gather_batch(split, order[i], mask[i])
-            state, metrics = train_step(state, batch, step_key(state))
-            return state, _add(totals, metrics)
+            return _step(train_step, *carry, split, order, mask, i)
 
         return jax.lax.fori_loop(start, stop, body, (state, totals))
 
     return chunk
+
+
+def _step(train_step, state, totals, split, order, mask, i):
+    """Step i of the epoch: its batch, its dropout key, the update, the running totals."""
+    batch = gather_batch(split, order[i], mask[i])
+    state, metrics = train_step(state, batch, step_key(state))
+    return state, _add(totals, metrics)
 
 
 def scan_epoch(batch_size: int, train_step: Callable = steps.train_step) -> Callable:
@@ -145,10 +149,8 @@ def scan_epoch(batch_size: int, train_step: Callable = steps.train_step) -> Call
 
 
 def _run_step(train_step, state, totals, split, order, mask):
-    i = state.step % order.shape[0]  # the step's position within its epoch
-    batch = gather_batch(split, order[i], mask[i])
-    state, metrics = train_step(state, batch, step_key(state))
-    return state, _add(totals, metrics)
+    """The loop engine's step: it finds its position in the epoch from the state."""
+    return _step(train_step, state, totals, split, order, mask, state.step % order.shape[0])
 
 
 def chunk_bounds(num_steps: int, chunks: int) -> list[tuple[int, int]]:

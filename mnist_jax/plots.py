@@ -138,6 +138,17 @@ def misclassified(runs: list[dict]):
     return fig
 
 
+def epoch_rows(history: list[dict]) -> list[dict]:
+    """One row per epoch (the first seed's): the time and resource columns are shared by
+    an epoch's seeds."""
+    seen, rows = set(), []
+    for row in history:
+        if row["epoch"] not in seen:
+            seen.add(row["epoch"])
+            rows.append(row)
+    return rows
+
+
 def resources(runs: list[dict]):
     """Per epoch: wall time (all seeds of the epoch), CPU %, process RSS, and GPU load and
     VRAM where a GPU was sampled."""
@@ -148,11 +159,7 @@ def resources(runs: list[dict]):
                    ("vram_used_mb_peak", "VRAM used MB (peak)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for run in runs:
-        seen, rows = set(), []
-        for row in run["history"]:  # the resource columns are shared by an epoch's seeds
-            if row["epoch"] not in seen:
-                seen.add(row["epoch"])
-                rows.append(row)
+        rows = epoch_rows(run["history"])
         for ax, (key, title) in zip(axes[0], panels):
             points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
             if points:

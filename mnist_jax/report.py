@@ -143,7 +143,7 @@ def _summary(run: dict) -> dict:
             "test_accuracy": seed["test_accuracy"],
             "test_loss": seed["test_loss"],
         })
-    epochs = _epoch_rows(history)
+    epochs = plots.epoch_rows(history)
     times = [r["epoch_time_s"] for r in epochs]
     n_test = config["data"]["test_examples"]
     summary = {
@@ -187,16 +187,6 @@ def _summary(run: dict) -> dict:
     return summary
 
 
-def _epoch_rows(history: list[dict]) -> list[dict]:
-    """One row per epoch (the first seed's): the time and resource columns are shared."""
-    seen, rows = set(), []
-    for row in history:
-        if row["epoch"] not in seen:
-            seen.add(row["epoch"])
-            rows.append(row)
-    return rows
-
-
 def compare(a: dict, b: dict) -> dict:
     """b against the reference a, on the metric the protocol allows, with the sentence."""
     metric = "test_accuracy" if a["validation"] == "holdout" else "best_val_accuracy"
@@ -204,8 +194,7 @@ def compare(a: dict, b: dict) -> dict:
     out = {"reference": a["name"], "variant": b["name"], "metric": metric,
            "seeds": [len(x), len(y)], "welch": stats.welch(x, y)}
     if out["welch"] is not None:
-        sds = [s for s in (a[metric]["sd"], b[metric]["sd"])]
-        sd = (sum(s * s for s in sds) / 2) ** 0.5
+        sd = ((a[metric]["sd"] ** 2 + b[metric]["sd"] ** 2) / 2) ** 0.5
         n = min(len(x), len(y))
         mdd = stats.min_detectable_difference(sd, n)
         out.update(pooled_sd=sd, min_detectable_difference=mdd,

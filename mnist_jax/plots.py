@@ -20,9 +20,8 @@ from mnist_jax import records  # noqa: E402
 
 GRID_COLUMNS = 10
 GRID_ROWS = 4
-
-
 CLASSES = 10  # MNIST's digits
+
 
 def save(fig, path: str | Path) -> None:
     buffer = io.BytesIO()

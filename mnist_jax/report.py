@@ -44,7 +44,8 @@ PROTOCOLS = {
 }
 
 
-RUN_FILES = (records.CONFIG_FILE, records.HISTORY_FILE, records.RESULT_FILE, records.PREDICTIONS_FILE)
+RUN_FILES = (records.CONFIG_FILE, records.HISTORY_FILE, records.RESULT_FILE,
+             records.PREDICTIONS_FILE)
 # What the summary and the figures read: a file without them is not a run's.
 HISTORY_COLUMNS = ("epoch", "seed", "val_accuracy", "val_loss", "epoch_time_s")
 PREDICTION_ARRAYS = ("seeds", "labels", "predictions", "wrong_indices", "wrong_images")

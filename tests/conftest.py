@@ -1,5 +1,8 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 # Bit-identical results on a GPU need XLA's deterministic kernels (some reductions and
 # scatter gradients use atomics otherwise: an H100 gave different parameters for the same
@@ -50,3 +53,21 @@ def mnist(mnist_path):
 def tiny():
     """A small learnable dataset (not divisible by 32, so the last batch is padded)."""
     return data.synthetic(num_train=500, num_test=200, seed=0)
+
+
+# The study's own flags for one small real run: both models, 3 seeds (an interval and a
+# test), 2 epochs, 960 training images (160 validation and test).
+SMALL_STUDY_FLAGS = ("--seeds", "3", "--epochs", "2", "--train-limit", "960")
+
+
+@pytest.fixture(scope="session")
+def small_study(mnist_path, tmp_path_factory) -> SimpleNamespace:
+    """One finished `python -m experiments.depth_study` run with SMALL_STUDY_FLAGS, shared
+    by the tests that need one (about 40 s): `out` (copy it before changing anything) and
+    the command's `stdout`."""
+    out = tmp_path_factory.mktemp("small_study") / "study"
+    proc = subprocess.run([sys.executable, "-m", "experiments.depth_study", "--data-dir",
+                           str(mnist_path), *SMALL_STUDY_FLAGS, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return SimpleNamespace(out=out, stdout=proc.stdout)

@@ -313,7 +313,7 @@ REPORT_CASES = [
           ("predictions-one-seed-short", records.PREDICTIONS_FILE,
            npz_changed(records.PREDICTIONS_FILE,
                        lambda a: a.update(predictions=a["predictions"][:1])),
-           "predictions have shape (1, 80), not (seeds, test images) = (2, 80)"),
+           "predictions have shape (1, 160), not (seeds, test images) = (3, 160)"),
           ("predictions-label-11", records.PREDICTIONS_FILE,
            npz_changed(records.PREDICTIONS_FILE, lambda a: a["labels"].__setitem__(0, 11)),
            "labels outside 0..9"),
@@ -377,13 +377,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def finished_study(mnist_path, tmp_path_factory) -> Path:
-    """One real study (2-conv and 3-conv, two seeds, one epoch, 480 images): ~30 s."""
-    out = tmp_path_factory.mktemp("finished") / "study"
-    proc = run_command(STUDY, "--data-dir", mnist_path, "--seeds", "2", "--epochs", "1",
-                       "--train-limit", "480", "--out", out, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return out
+def finished_study(small_study) -> Path:
+    """A finished study (conftest.small_study: 3 seeds, 160 test images); copied per case."""
+    return small_study.out
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])

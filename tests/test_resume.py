@@ -23,7 +23,7 @@ import pytest
 from mnist_jax import records
 from mnist_jax.recorder import LATEST_DIR
 
-from conftest import REPO
+from conftest import REPO, SMALL_STUDY_FLAGS
 
 pytestmark = pytest.mark.mnist
 
@@ -44,10 +44,11 @@ def _run(cmd, **kwargs):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def _driver(tmp_path, mnist_path, out, patch: str, module: str = "mnist_jax.train") -> list[str]:
-    """A command that runs `module`'s main, with FLAGS, after `patch` (Python source)."""
-    argv = _command(mnist_path, out)[3:]
-    if module != "mnist_jax.train":  # the study trains its own two models
+def _driver(tmp_path, mnist_path, out, patch: str, module: str = "mnist_jax.train",
+            flags=FLAGS) -> list[str]:
+    """A command that runs `module`'s main, with `flags`, after `patch` (Python source)."""
+    argv = ["--data-dir", str(mnist_path), *flags, "--out", str(out)]
+    if module != "mnist_jax.train" and "--conv" in argv:  # the study trains its own models
         del argv[argv.index("--conv"):argv.index("--conv") + 2]
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(patch) + textwrap.dedent(f"""
@@ -117,8 +118,20 @@ def reference(mnist_path, tmp_path_factory):
     return out
 
 
+def _in_process(cmd, capsys):
+    """`cmd` (a `mnist_jax.train` command) as its main() in this process, for runs that end
+    before training (refusals, a finished run): the same main and run_main as `python -m`,
+    without 3.5 s of start-up. (returncode, stdout, stderr)."""
+    from mnist_jax import train
+
+    capsys.readouterr()
+    status = train.main(cmd[3:])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
-        reference, mnist_path, tmp_path):
+        reference, mnist_path, tmp_path, capsys):
     out = tmp_path / "run"
     patch = """
         import os, signal
@@ -139,10 +152,10 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
     for flag, value in (("--seeds", "3"), ("--conv", "8,8"), ("--train-limit", "960")):
         cmd = _command(mnist_path, out, "--resume")
         cmd[cmd.index(flag) + 1] = value
-        proc = _run(cmd)
-        assert_clean_exit(proc.returncode, proc.stderr, 2)
-        assert proc.stderr.startswith("error: cannot resume") and "other settings" in proc.stderr
-        assert proc.stderr.count("\n") == 1
+        status, _, err = _in_process(cmd, capsys)
+        assert_clean_exit(status, err, 2)
+        assert err.startswith("error: cannot resume") and "other settings" in err
+        assert err.count("\n") == 1
         assert _files(out) == before
 
     # A damaged config, history or latest checkpoint: refused in one line naming it.
@@ -182,9 +195,9 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
         shutil.copytree(out, copy_of(out))
         damage(copy_of(out))
         damaged = _files(copy_of(out))
-        proc = _run(_command(mnist_path, copy_of(out), "--resume"))
-        assert_clean_exit(proc.returncode, proc.stderr, 2)
-        assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        status, _, err = _in_process(_command(mnist_path, copy_of(out), "--resume"), capsys)
+        assert_clean_exit(status, err, 2)
+        assert message in err and err.count("\n") == 1, err
         assert _files(copy_of(out)) == damaged
         shutil.rmtree(copy_of(out))
 
@@ -194,28 +207,23 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
     assert_same_run(out, reference)
 
     # Resuming a finished run changes nothing but the report; with other settings, refused.
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0 and "finished in an earlier run" in proc.stdout
+    status, stdout, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0 and "finished in an earlier run" in stdout, err
     assert_same_run(out, reference)
     cmd = _command(mnist_path, out, "--resume")
     cmd[cmd.index("--seeds") + 1] = "3"
-    proc = _run(cmd)
-    assert_clean_exit(proc.returncode, proc.stderr, 2)
-    assert "other settings" in proc.stderr and "train.seeds: 2 there, 3 now" in proc.stderr
+    status, _, err = _in_process(cmd, capsys)
+    assert_clean_exit(status, err, 2)
+    assert "other settings" in err and "train.seeds: 2 there, 3 now" in err
     assert_same_run(out, reference)
 
 
 def test_a_study_stopped_in_its_second_model_resumes_with_the_printed_command(
-        mnist_path, tmp_path):
+        small_study, mnist_path, tmp_path):
     """Ctrl-C after 3conv's first epoch: 2conv is finished, 3conv half done. The exact
-    command the study prints keeps 2conv, finishes 3conv, and ends where an uninterrupted
-    study ends."""
-    study = ["-m", "experiments.depth_study", "--data-dir", str(mnist_path)]
-    flags = FLAGS[2:]  # no --conv: the study trains its own two models
-    reference = tmp_path / "reference"
-    proc = _run([sys.executable, *study, *flags, "--out", str(reference)])
-    assert proc.returncode == 0, proc.stderr
-
+    command the study prints keeps 2conv, finishes 3conv, and ends where the same study
+    uninterrupted ended (conftest.small_study)."""
+    reference = small_study.out
     out = tmp_path / "study"
     patch = """
         import os, signal
@@ -227,7 +235,8 @@ def test_a_study_stopped_in_its_second_model_resumes_with_the_printed_command(
                 os.kill(os.getpid(), signal.SIGINT)
         Recorder.save_latest = interrupted_after
     """
-    proc = _run(_driver(tmp_path, mnist_path, out, patch, module="experiments.depth_study"))
+    proc = _run(_driver(tmp_path, mnist_path, out, patch, module="experiments.depth_study",
+                        flags=SMALL_STUDY_FLAGS))
     assert_clean_exit(proc.returncode, proc.stderr, 130)
     hint = [line for line in proc.stdout.splitlines() if line.startswith("resume with: ")]
     assert len(hint) == 1, proc.stdout

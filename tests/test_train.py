@@ -1,8 +1,10 @@
 """fit() and the command-line entry points, end to end on small data."""
 
 import json
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -134,11 +136,10 @@ def _run(*args, cwd=REPO):
 
 
 @pytest.mark.mnist
-def test_depth_study_end_to_end_on_tiny_real_data(mnist_path, tmp_path):
-    out = tmp_path / "study"
-    proc = _run("-m", "experiments.depth_study", "--data-dir", str(mnist_path), "--epochs", "2",
-                "--seeds", "3", "--train-limit", "960", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+def test_depth_study_end_to_end_on_tiny_real_data(small_study, tmp_path):
+    out = tmp_path / "study"  # conftest.small_study: 3 seeds, 2 epochs, 960 images
+    shutil.copytree(small_study.out, out)
+    proc = SimpleNamespace(stdout=small_study.stdout)
     for name in ("2conv", "3conv"):
         history = records.read_history(out / name / records.HISTORY_FILE)
         assert sorted((r["seed"], r["epoch"]) for r in history) == [

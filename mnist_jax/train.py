@@ -11,6 +11,7 @@ weights are evaluated once on the test split. What is written where: recorder.py
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -48,20 +49,21 @@ def new_state(model: CNN, tx, seed: int) -> steps.TrainState:
     return steps.create_train_state(model, params, tx, jax.random.fold_in(root, RUN_STREAM))
 
 
-def init_state(model_config: ModelConfig, train_config: TrainConfig, tx=None, seed=None):
-    """The model and one seed's initial train state (default seed: train_config.seed)."""
-    model = build_model(model_config)
-    tx = tx if tx is not None else steps.adam(train_config.learning_rate)
-    return model, new_state(model, tx, train_config.seed if seed is None else seed)
-
-
 def init_states(model_config: ModelConfig, train_config: TrainConfig, tx=None):
-    """The model and every seed's initial state, stacked on a leading seed axis [K, ...].
-    Seed i's state is exactly init_state(..., seed=train_config.seed + i)'s."""
+    """The model and every seed's initial state, stacked on a leading seed axis [K, ...]."""
     model = build_model(model_config)
     tx = tx if tx is not None else steps.adam(train_config.learning_rate)
     return model, engine.stack_seeds([new_state(model, tx, seed)
                                       for seed in train_config.seed_values])
+
+
+def init_state(model_config: ModelConfig, train_config: TrainConfig, tx=None, seed=None):
+    """The model and one seed's initial train state (default seed: train_config.seed),
+    exactly seed i's slice of init_states."""
+    one = dataclasses.replace(train_config, seeds=1,
+                              seed=train_config.seed if seed is None else seed)
+    model, states = init_states(model_config, one, tx)
+    return model, engine.seed_slice(states, 0)
 
 
 @dataclass

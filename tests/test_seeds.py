@@ -76,8 +76,9 @@ def test_an_epoch_in_chunks_is_the_epoch_in_one_call(tiny, layout, engine_):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
-def test_epochs_after_the_first_compile_nothing(tiny, layout):
+@pytest.mark.parametrize("layout, engine_", [("sequential", "scan"), ("vmap", "scan"),
+                                             ("map", "scan"), ("sequential", "loop")])
+def test_epochs_after_the_first_compile_nothing(tiny, layout, engine_):
     """fit()'s epoch (train chunks, validation, keeping the best) compiles in epoch 1 only;
     later epochs, one with a seed stopped, reuse the programs (no retrace per epoch)."""
     compiles = []
@@ -86,7 +87,8 @@ def test_epochs_after_the_first_compile_nothing(tiny, layout):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    run = build_run(SMALL, TrainConfig(seed=0, seeds=2, layout=layout, epoch_chunks=3))
+    run = build_run(SMALL, TrainConfig(seed=0, seeds=2, layout=layout, engine=engine_,
+                                       epoch_chunks=3))
     train, val = engine.to_device(*tiny.train), engine.to_device(*tiny.test)
     states, best = run.states, jax.tree.map(jnp.copy, run.states)
     jax.monitoring.register_event_duration_secs_listener(on_event)

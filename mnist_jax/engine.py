@@ -279,6 +279,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     runs an epoch as `chunks` calls of one compiled chunk program (progress, interrupts).
     """
     one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size)
+    keep = jax.jit(keep_best)
     if layout in ("vmap", "map"):
         if engine != "scan":
             raise ConfigError(f"the {layout} layout needs the scan engine, not the loop engine "
@@ -322,7 +323,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
             return evaluate_all(states, split, _seed_axis(zero_totals(), seed_count(states)))
 
         train.train_chunk = train_chunk  # exposed so tests can count traces
-        return Epochs(train, evaluate, jax.jit(keep_best), engine, layout)
+        return Epochs(train, evaluate, keep, engine, layout)
 
     if layout == "sequential":
         train_one = make_train_epoch(batch_size, engine, train_step, chunks)
@@ -340,7 +341,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
             return stack_seeds([t for t, _ in results]), jnp.stack([p for _, p in results])
 
         train.train_one = train_one  # exposed so tests can count traces
-        return Epochs(train, evaluate, jax.jit(keep_best), engine, layout)
+        return Epochs(train, evaluate, keep, engine, layout)
 
     raise ValueError(f"layout must be 'vmap', 'map' or 'sequential', got {layout!r}")
 

@@ -11,6 +11,7 @@ under the notebook's protocol (where test accuracy is the same selected number).
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import zipfile
@@ -194,7 +195,7 @@ def compare(a: dict, b: dict) -> dict:
     x, y = a[metric]["values"], b[metric]["values"]
     out = {"reference": a["name"], "variant": b["name"], "metric": metric,
            "seeds": [len(x), len(y)], "welch": stats.welch(x, y)}
-    if out["welch"] is not None:
+    if out["welch"] is not None and math.isfinite(out["welch"]["p_value"]):
         sd = ((a[metric]["sd"] ** 2 + b[metric]["sd"] ** 2) / 2) ** 0.5
         n = min(len(x), len(y))
         mdd = stats.min_detectable_difference(sd, n)
@@ -316,6 +317,11 @@ def format_statistics(summary: dict) -> str:
     for c in summary["comparisons"]:
         w = c["welch"]
         if w is None:
+            continue
+        if not math.isfinite(w["p_value"]):
+            lines.append(f"- {c['variant']} - {c['reference']} ({METRIC_WORDS[c['metric']]}): "
+                         f"{100 * w['difference']:+.2f} points, with no spread between seeds: "
+                         f"no interval and no test.")
             continue
         d = f"{w['cohens_d']:.2f}" if w["cohens_d"] is not None else "n/a"
         lines.append(

@@ -163,17 +163,16 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
             run = build_run(model_config, cfg, train_step=train_step, eval_step=eval_step, tx=tx)
             num_params = count_params(engine.seed_slice(run.states.params, 0))
             description = run_description(run, cfg, num_params, name, splits)
-            if resume:
-                recorder.check_resumable(model_config, cfg, splits)
-            recorder.write_config(description)
             seeds = [SeedResult(seed, EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
                                                     min_delta=cfg.min_delta))
                      for seed in cfg.seed_values]
             states = run.states
             best = jax.tree.map(jnp.copy, states)  # per seed, the state of its best epoch so far
             done, history = 0, []
-            if resume:
+            if resume:  # every refusal comes before the first write
+                recorder.check_resumable(model_config, cfg, splits)
                 done, states, best, history = resume_run(recorder, seeds, states, best, cfg.monitor)
+            recorder.write_config(description)
             log(describe_start(name, run, cfg, num_params, splits)
                 + (f"; resuming after epoch {done}" if done else ""))
             train_split, val_split = engine.to_device(*splits.train), engine.to_device(*splits.val)
@@ -247,11 +246,16 @@ def resume_run(recorder: Recorder, seeds: list[SeedResult], states, best, monito
     updates, so it is exactly the state the run had; history rows of an epoch that did not
     finish (written before its latest checkpoint) are dropped, and each seed's best
     checkpoint is made to match its best epoch."""
+    if recorder.out is None:  # nothing was written: a fresh start
+        return 0, states, best, []
     point = recorder.latest(states, best)
     done, states, best = point if point is not None else (0, states, best)
     written = recorder.read_history()
-    history = [row for row in written if row["epoch"] <= done]
     path = recorder.out / records.HISTORY_FILE
+    if not all(isinstance(row.get(k), int) for row in written for k in ("epoch", "seed")):
+        raise UserError(f"cannot resume: {path} is damaged (a row without a whole epoch "
+                        f"and seed number)")
+    history = [row for row in written if row["epoch"] <= done]
     if any(row["epoch"] > done + 1 for row in written):  # only epoch done + 1 may be unfinished
         raise UserError(f"cannot resume: {path} has epoch {max(r['epoch'] for r in written)} "
                         f"but the latest checkpoint ({LATEST_DIR}) is "
@@ -262,9 +266,12 @@ def resume_run(recorder: Recorder, seeds: list[SeedResult], states, best, monito
         if seed is None:
             raise UserError(f"cannot resume: {path} has seed {row['seed']}, not one of "
                             f"{list(by_seed)}")
-        if row["epoch"] != seed.epochs_run + 1:
+        if row["epoch"] != seed.epochs_run + 1 or not seed.active:
+            after = (f"after it stopped in epoch {seed.epochs_run}" if not seed.active else
+                     f"after its epoch {seed.epochs_run}" if seed.epochs_run else
+                     "without its epoch 1")
             raise UserError(f"cannot resume: {path} has seed {seed.seed}'s epoch "
-                            f"{row['epoch']} after its epoch {seed.epochs_run}")
+                            f"{row['epoch']} {after}")
         end_of_epoch(seed, row["epoch"], monitor, *replay_totals(row), 0, {})
     for seed in seeds:  # a seed still training then has a row for every epoch up to `done`
         if seed.active and seed.epochs_run != done:

@@ -87,11 +87,6 @@ def remove(name):
     return lambda folder: (folder / name).unlink()
 
 
-def remove_all(folder: Path) -> None:
-    for name in MNIST_FILES:
-        (folder / name).unlink()
-
-
 def truncate(name, keep=5_000):
     return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:keep])
 

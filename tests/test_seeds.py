@@ -68,7 +68,8 @@ def test_an_epoch_in_chunks_is_the_epoch_in_one_call(tiny, layout, engine_):
         for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[chunks])):
             np.testing.assert_array_equal(a, b)
     if layout != "sequential" or engine_ != "scan":
-        return  # vmap and map equal one seed to float32 rounding only (the test above)
+        return  # vmap and map equal one seed to float32 rounding only (the test above);
+        # the loop engine's epoch is checked against the scan engine's in test_steps
     # ...and the pure whole epoch, engine.scan_epoch, computes the same (seed 0 here).
     state = build_run(SMALL, TrainConfig(seed=3)).states
     whole, _ = jax.jit(engine.scan_epoch(32))(engine.seed_slice(state, 0), train)

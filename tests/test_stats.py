@@ -111,7 +111,7 @@ def test_the_sentence_says_better_and_names_the_metric_of_the_protocol():
 
 
 def test_the_sentence_claims_nothing_when_the_interval_holds_zero():
-    # Differences +0.1, -0.1, 0 points around equal means: the interval spans 0.
+    # Differences +0.3, -0.3, 0 points around equal means: the interval spans 0.
     text = _sentence([0.990, 0.992, 0.994], [0.993, 0.989, 0.994])
     assert text.startswith("Over 3 seeds each, 3conv's test accuracy is 0.00 points ")
     assert "no difference can be claimed (these seeds detect about " in text
@@ -122,7 +122,13 @@ def test_the_sentence_with_one_seed_or_no_spread_makes_no_test():
         "With 1 seed per variant there is no spread to test against: 3conv's test accuracy "
         "is 1.00 points lower than 2conv's in this one run, the size of the seed-to-seed "
         "spread; run --seeds 3 or more for an interval and a test.")
-    # Equal values on each side (their float variances are ~1e-34, not 0): no test either.
+    # Equal values on each side (their float variances are ~1e-34, not 0): no test either,
+    # and no power figures from that rounding noise.
     assert _sentence([0.99] * 3, [0.98] * 3) == (
         "Over 3 seeds each, 3conv's test accuracy is 1.00 points lower than 2conv's, with "
         "no spread between seeds: no test is possible.")
+    cmp = report.compare(_variant("2conv", [0.99] * 3), _variant("3conv", [0.98] * 3))
+    assert "min_detectable_difference" not in cmp
+    assert report.format_statistics({"variants": [], "comparisons": [cmp]}) == (
+        "- 3conv - 2conv (test accuracy): -1.00 points, with no spread between seeds: "
+        "no interval and no test.")

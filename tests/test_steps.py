@@ -181,7 +181,7 @@ def test_adam_matches_keras_epsilon_placement():
     assert abs(float(first) - ours[0]) > 1e-5  # the difference this test is about is real
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside TensorFlow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside Keras
 def test_adam_matches_keras_itself():
     import keras
 

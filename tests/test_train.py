@@ -202,6 +202,11 @@ def test_every_training_flag_reaches_the_configs_and_the_splits(mnist_path):
                                                                                10_000]
 
 
+def test_resume_without_a_folder_is_a_fresh_start(splits):
+    result = fit(SMALL, TrainConfig(epochs=1), splits, None, resume=True, log=lambda line: None)
+    assert result.states.step.tolist() == [16] and len(result.history) == 1
+
+
 def test_another_optimizer_swaps_in_without_editing_the_library(splits):
     result = fit(SMALL, TrainConfig(epochs=1), splits, None, tx=optax.sgd(0.05), log=lambda line: None)
     expected = jax.tree.structure(optax.sgd(0.05).init(result.states.params))

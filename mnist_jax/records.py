@@ -4,12 +4,14 @@ folder, then os.replace), so an interrupted run never leaves a half-written file
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import itertools
 import json
 import math
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -37,12 +39,22 @@ class RunDir:
         self.path = Path(path)
         self._fd = None
         self._created = created or not self.path.exists()  # removed again if left unused
+        lock = self.path / LOCK_FILE
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            new_lock = not (self.path / LOCK_FILE).exists()
-            self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            new_lock = not os.path.lexists(lock)
+            # O_NOFOLLOW: a .lock that is a symbolic link (planted, or copied in) is refused
+            # rather than followed, which would truncate and overwrite the file it names.
+            self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP and lock.is_symlink():
+                raise UserError(f"{what} {self.path} is refused: its {LOCK_FILE} is a symbolic "
+                                f"link, not a run's lock file (nothing was written)") from None
             raise UserError(f"cannot create {what} {self.path}: {e.strerror or e}") from None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            self.close()
+            raise UserError(f"{what} {self.path} is refused: its {LOCK_FILE} is not a regular "
+                            f"file (nothing was written)")
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -126,6 +126,17 @@ def make_dir(path_in_tmp, files=(), mode=None):
     return make
 
 
+def lock_links_out(path_in_tmp, files=()):
+    """A folder `path_in_tmp` whose .lock is a symbolic link to {tmp}/victim/notes.txt, a
+    file outside it that must stay as it is (keep="{tmp}/victim")."""
+    def make(tmp: Path, shared) -> None:
+        make_dir(path_in_tmp, files)(tmp, shared)
+        make_dir("victim", ["notes.txt"])(tmp, shared)
+        (tmp / path_in_tmp / records.LOCK_FILE).symlink_to(tmp / "victim" / "notes.txt")
+
+    return make
+
+
 # ---- how a case alters its copy of the finished study ----
 
 def in_study(alter: Callable[[Path], None]):
@@ -270,6 +281,13 @@ OUT_CASES = [
     Case("out-holds-files", STUDY, (*RUN, "--out", "{tmp}/used"),
          "--out {tmp}/used already holds files", make_dir("used", ["summary.json", "notes.txt"]),
          keep="{tmp}/used"),
+    # A .lock that is a symbolic link is refused, never followed: the file it names (outside
+    # the folder) was truncated and overwritten with a pid, and the link then removed.
+    *[Case(f"out-lock-is-a-symlink{id}", module, (*RUN, "--out", "{tmp}/used", *extra),
+           "--out {tmp}/used is refused: its .lock is a symbolic link",
+           lock_links_out("used", files), keep="{tmp}", in_process=True)
+      for id, module, extra, files in [("", STUDY, (), ()),
+                                       ("-resume", TRAIN, ("--resume",), ("config.json",))]],
 ]
 
 REPORT_CASES = [

@@ -115,9 +115,12 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                         help="'holdout' (default): select epochs on a fixed stratified holdout "
                              "of the training set and report the test set once per seed; "
                              "'test': the notebook's protocol, select on the test set")
-    parser.add_argument("--holdout-size", type=positive_int, default=data_lib.HOLDOUT_SIZE,
+    # default None: given with --validation test, where nothing is held out, it is refused
+    # (after parsing, by ArgumentParser's checks) rather than silently ignored.
+    parser.add_argument("--holdout-size", type=positive_int, default=None,
                         metavar="N", help="training images held out for validation under "
                                           f"--validation holdout (default: {data_lib.HOLDOUT_SIZE:,})")
+    parser.checks.append(_resolve_holdout_size)
     parser.add_argument("--learning-rate", type=learning_rate, default=d.learning_rate,
                         help=f"Adam learning rate (default: {d.learning_rate})")
     parser.add_argument("--engine", choices=ENGINES, default=d.engine,
@@ -132,6 +135,16 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                         help="use only the first N training and N/6 validation and test images "
                              "(for quick checks; the study's numbers need the full sets)")
     add_debug_arg(parser)
+
+
+def _resolve_holdout_size(args) -> str | None:
+    """--holdout-size only with --validation holdout; its default filled in."""
+    if args.holdout_size is None:
+        args.holdout_size = data_lib.HOLDOUT_SIZE
+    elif args.validation != "holdout":
+        return (f"--holdout-size is for --validation holdout: --validation {args.validation} "
+                f"selects epochs on the test set and holds no training images out")
+    return None
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:
@@ -218,6 +231,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        # Run on the parsed flags, in order: a message is a usage error (flags that do not
+        # go together); each may also fill in a default that depends on other flags.
+        self.checks: list[Callable[[argparse.Namespace], str | None]] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            if (problem := check(namespace)) is not None:
+                self.error(problem)
+        return namespace, extras
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -230,6 +230,13 @@ FLAG_CASES = [
           ("-0.001", ["--learning-rate", "-0.001"], "-0.001")]],
     train_flag("learning-rate-not-a-number", ["--learning-rate", "abc"],
                "argument --learning-rate: 'abc' is not a number"),
+    # Nothing is held out under --validation test: the size was silently ignored.
+    *[train_flag(f"holdout-size-with-validation-test{id}", args,
+                 "--holdout-size is for --validation holdout: --validation test selects epochs "
+                 "on the test set", module=module)
+      for id, module, args in [
+          ("", STUDY, ["--validation", "test", "--holdout-size", "1000"]),
+          ("-default-size", TRAIN, ["--holdout-size", "5000", "--validation", "test"])]],
     train_flag("conv-depth-vanishes", ["--conv", "32,32,32,32"],
                "conv_features (32, 32, 32, 32): the feature map vanishes after 3 conv blocks",
                module=TRAIN),

@@ -122,18 +122,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    # os.open with 0o666 lets the umask set the permissions (mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # a failed write (disk full) names the file it was for
+        # os.open with 0o666 lets the umask set the permissions (mkstemp would force 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        # The error names the file it was for (summary.json), never the hidden temporary
+        # file (a read-only folder, a full disk, a folder in the way of the rename).
+        if e.filename is None or e.filename in (str(tmp), os.fsencode(tmp)):
+            if e.errno is None:
+                e.filename = str(path)
+                raise
+            # A new error, as filename2 (the rename's) cannot be unset; OSError(...) is the
+            # errno's subclass again (PermissionError, IsADirectoryError, ...).
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -533,6 +533,51 @@ def test_an_interrupted_atomic_write_keeps_the_previous_file(make_error, tmp_pat
         assert raised.value.filename == str(target)  # so the error line can name it
 
 
+class _RefusingOs:
+    """records' view of `os`, where creating a file fails as in a read-only folder (the
+    error names the file os.open was given), whoever runs the test (root included)."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return os.open(path, flags, *args)
+
+
+def _read_only_folder(folder: Path, monkeypatch) -> None:
+    if os.geteuid() == 0:  # root writes into a read-only folder: refuse as the kernel would
+        monkeypatch.setattr(records, "os", _RefusingOs())
+    folder.chmod(0o555)
+
+
+@pytest.mark.parametrize("fail", ["read-only-folder", "rename-onto-a-folder"])
+def test_a_failed_write_names_its_file_not_the_temporary_one(fail, tmp_path, monkeypatch):
+    """The error line named the hidden temporary file (.summary.json.<hex>.tmp)."""
+    target = tmp_path / "summary.json"
+    if fail == "read-only-folder":
+        target.write_bytes(b'{"earlier": true}\n')
+        _read_only_folder(tmp_path, monkeypatch)
+        expected = PermissionError
+    else:  # real whoever runs it: os.replace(file, folder) is EISDIR
+        target.mkdir()
+        (target / "notes.txt").write_text("kept\n")
+        expected = IsADirectoryError
+    try:
+        with pytest.raises(expected) as raised:
+            records.atomic_write_text(target, "later\n")
+    finally:
+        tmp_path.chmod(0o755)
+    assert raised.value.filename == str(target) and raised.value.filename2 is None
+    assert ".tmp" not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temp file left
+    if fail == "read-only-folder":
+        assert target.read_bytes() == b'{"earlier": true}\n'
+    else:
+        assert (target / "notes.txt").read_text() == "kept\n"
+
+
 @pytest.mark.mnist
 def test_a_full_disk_during_the_report_is_one_line_naming_the_file(finished_study, tmp_path,
                                                                      monkeypatch, capsys):

@@ -156,6 +156,13 @@ def fetch_files(data_dir: str | os.PathLike | None = None, source: str | None = 
             raise DataError(f"{where} holds none of the four MNIST files ({', '.join(missing)})")
         if missing:
             raise DataError(f"{where} has no {', '.join(missing)}")
+        for name in names.values():  # the download manager would call it a download failure
+            try:
+                with open(manual_dir / name, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise DataError(f"{name} in {where} cannot be read "
+                                f"({e.strerror or _first_line(e)})") from None
     else:
         where = f"the download cache {DEFAULT_CACHE}"
     urls = {f"{split}_{kind}": tfds_mnist._MNIST_URL + name
@@ -176,6 +183,9 @@ def fetch_files(data_dir: str | os.PathLike | None = None, source: str | None = 
             raise DataError(f"{bad} in {where} does not match the checksum tensorflow-datasets "
                             f"registers for it (truncated or corrupt): replace it") from None
         except Exception as e:  # network or file-system failures of the download itself
+            if manual_dir is not None:  # the folder was given: no advice to give one
+                raise DataError(f"could not read MNIST from {where} "
+                                f"({type(e).__name__}: {_first_line(e)})") from None
             raise DataError(f"could not get MNIST ({type(e).__name__}: {_first_line(e)}); "
                             f"{OFFLINE_HINT}") from None
     return {(split, kind): Path(paths[f"{split}_{kind}"]) for split, kind in names}

@@ -101,6 +101,19 @@ def flip_bytes(name, offsets=(1_000, 1_001, 50_000)):
     return alter
 
 
+def unreadable(name):
+    """`name` cannot be read: no read permission, or (for root, who reads anything) a link
+    to /proc/self/mem, whose first byte is an I/O error."""
+    def alter(folder: Path) -> None:
+        if os.geteuid() == 0:
+            (folder / name).unlink()
+            (folder / name).symlink_to("/proc/self/mem")
+        else:
+            (folder / name).chmod(0)
+
+    return alter
+
+
 def replace(name, content: bytes):
     return lambda folder: (folder / name).write_bytes(content)
 
@@ -253,6 +266,10 @@ DATA_FOLDERS = [
      True),
     ("one-file-missing", mnist_copy(remove("train-labels-idx1-ubyte.gz")),
      "data folder {data} ({source}) has no train-labels-idx1-ubyte.gz", True),
+    # Not "pass --data-dir DIR", as it was: the folder was given, one file is unreadable.
+    ("file-unreadable", mnist_copy(unreadable("train-labels-idx1-ubyte.gz")),
+     "train-labels-idx1-ubyte.gz in data folder {data} ({source}) cannot be read ("
+     + os.strerror(errno.EIO if os.geteuid() == 0 else errno.EACCES) + ")", True),
     ("bytes-flipped", mnist_copy(flip_bytes("t10k-images-idx3-ubyte.gz")),
      "t10k-images-idx3-ubyte.gz " + CHECKSUM, True),
     ("truncated", mnist_copy(truncate("train-images-idx3-ubyte.gz")),

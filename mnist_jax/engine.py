@@ -11,9 +11,11 @@ bit those of one call (tested). `make_train_epoch` and `make_evaluate` compile o
 epoch and validation pass (the sequential layout's parts). Totals are device scalars
 (loss_sum, correct, count) that the host divides once per epoch.
 
-Every key derives from the state: dropout from (state.rng, step), the shuffle from
-(state.rng, epoch), with epoch = step // steps_per_epoch. A run resumed from a saved state
-therefore draws exactly the same numbers as one that never stopped.
+Every key derives from the state (steps.stream_key): the step's streams (dropout, augment)
+from (state.rng, step), the shuffle from (state.rng, epoch), with epoch = step //
+steps_per_epoch. A run resumed from a saved state therefore draws exactly the same numbers
+as one that never stopped. The totals take their structure from the step itself
+(jax.eval_shape), so a step that returns another sum gets it totalled too.
 
 Two engines compute the same thing:
 - "scan": the steps of a chunk are one XLA program (a loop over the batches). No per-step
@@ -36,10 +38,6 @@ import numpy as np
 
 from mnist_jax import steps
 from mnist_jax.errors import ConfigError
-
-DROPOUT_STREAM = 0
-SHUFFLE_STREAM = 1
-
 
 class Split(NamedTuple):
     """One split of a dataset on the device (a pytree, so it can be a jit argument)."""
@@ -68,19 +66,13 @@ def effective_batch_size(num_examples: int, batch_size: int) -> int:
     return min(batch_size, num_examples)
 
 
-def step_key(state: steps.TrainState):
-    """The dropout key of the state's current step."""
-    return jax.random.fold_in(jax.random.fold_in(state.rng, DROPOUT_STREAM), state.step)
-
-
 def epoch_order(state: steps.TrainState, num_examples: int, batch_size: int):
     """The shuffled example order of the state's current epoch, as [S, B] indices and a
     [S, B] float mask that is 0 on the padding of the last batch."""
     batch_size = effective_batch_size(num_examples, batch_size)
     num_steps = steps_per_epoch(num_examples, batch_size)
     epoch = state.step // num_steps
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, SHUFFLE_STREAM), epoch)
-    order = jax.random.permutation(key, num_examples)
+    order = jax.random.permutation(steps.stream_key(state.rng, "shuffle", epoch), num_examples)
     padding = num_steps * batch_size - num_examples
     order = jnp.concatenate([order, jnp.zeros((padding,), order.dtype)])
     mask = jnp.concatenate([jnp.ones((num_examples,), jnp.float32),
@@ -92,9 +84,38 @@ def gather_batch(split: Split, indices, mask) -> steps.Batch:
     return {"image": split.images[indices], "label": split.labels[indices], "mask": mask}
 
 
-def zero_totals() -> steps.Metrics:
-    return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32)}
+def abstract_batch(split: Split, batch_size: int) -> steps.Batch:
+    """The shapes and dtypes of one batch of `split` (for jax.eval_shape)."""
+    b = effective_batch_size(split.size, batch_size)
+    return {"image": jax.ShapeDtypeStruct((b, *split.images.shape[1:]), split.images.dtype),
+            "label": jax.ShapeDtypeStruct((b,), split.labels.dtype),
+            "mask": jax.ShapeDtypeStruct((b,), jnp.float32)}
+
+
+def zero_totals(step: Callable, state, split: Split, batch_size: int, metrics_at: int):
+    """Zeros shaped like the metrics `step(state, batch)` returns (at position
+    `metrics_at` of its output): the running totals of one seed, traced, not run."""
+    out = jax.eval_shape(step, state, abstract_batch(split, batch_size))
+    return jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), out[metrics_at])
+
+
+def totals_maker(step: Callable, batch_size: int, metrics_at: int) -> Callable:
+    """zero_totals for one step, traced once per data shape rather than every epoch:
+    `zeros(state, split)` for one seed's state."""
+    made = {}
+
+    def zeros(state, split):
+        key = (effective_batch_size(split.size, batch_size), split.images.shape[1:])
+        if key not in made:
+            made[key] = zero_totals(step, state, split, batch_size, metrics_at)
+        return made[key]
+
+    return zeros
+
+
+def one_seed(states):
+    """The shapes of one seed's state, out of states with a leading seed axis."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
 
 
 def _add(totals, metrics):
@@ -102,10 +123,16 @@ def _add(totals, metrics):
 
 
 def mean_metrics(prefix: str, totals) -> dict[str, float]:
-    """Host-side means of one seed's fetched totals: {prefix}_loss and {prefix}_accuracy."""
+    """Host-side means of one seed's fetched totals, per example: `loss_sum` becomes
+    {prefix}_loss, `correct` {prefix}_accuracy, any other `<name>_sum` {prefix}_<name>."""
     count = max(float(totals["count"]), 1.0)
-    return {f"{prefix}_loss": float(totals["loss_sum"]) / count,
-            f"{prefix}_accuracy": float(totals["correct"]) / count}
+    first = [k for k in ("loss_sum", "correct") if k in totals]  # Keras' columns lead
+    return {f"{prefix}_{metric_name(key)}": float(totals[key]) / count
+            for key in [*first, *sorted(set(totals) - {*first, "count"})]}
+
+
+def metric_name(key: str) -> str:
+    return "accuracy" if key == "correct" else key.removesuffix("_sum")
 
 
 def per_seed_means(prefix: str, totals) -> list[dict[str, float]]:
@@ -131,8 +158,7 @@ def run_steps(train_step: Callable = steps.train_step) -> Callable:
 
 def _step(train_step, state, totals, split, order, mask, i):
     """Step i of the epoch: its batch, its dropout key, the update, the running totals."""
-    batch = gather_batch(split, order[i], mask[i])
-    state, metrics = train_step(state, batch, step_key(state))
+    state, metrics = train_step(state, gather_batch(split, order[i], mask[i]))
     return state, _add(totals, metrics)
 
 
@@ -143,7 +169,8 @@ def scan_epoch(batch_size: int, train_step: Callable = steps.train_step) -> Call
 
     def train_epoch(state, split):
         order, mask = epoch_order(state, split.labels.shape[0], batch_size)
-        return chunk(state, zero_totals(), split, order, mask, 0, order.shape[0])
+        totals = zero_totals(train_step, state, split, batch_size, 1)
+        return chunk(state, totals, split, order, mask, 0, order.shape[0])
 
     return train_epoch
 
@@ -190,6 +217,7 @@ def make_train_epoch(batch_size: int, engine: str, train_step: Callable = steps.
     signature (another loss via functools.partial, a batch transform, ...).
     """
     order_fn = jax.jit(epoch_order, static_argnums=(1, 2))
+    zeros = totals_maker(train_step, batch_size, 1)
     if engine == "scan":
         chunk_fn = jax.jit(run_steps(train_step), donate_argnums=0)
 
@@ -211,7 +239,7 @@ def make_train_epoch(batch_size: int, engine: str, train_step: Callable = steps.
 
     def train_epoch(state, split, on_chunk: OnChunk | None = None):
         order, mask = order_fn(state, split.size, batch_size)
-        return _drive(call(split, order, mask), (state, zero_totals()),
+        return _drive(call(split, order, mask), (state, zeros(state, split)),
                       chunk_bounds(order.shape[0], chunks), on_chunk, 1)
 
     train_epoch.step_fn = chunk_fn  # exposed so tests can count traces
@@ -227,11 +255,11 @@ def _eval_batch(eval_step, batch_size, state, totals, split, start):
     return _add(totals, metrics), predictions
 
 
-def _evaluate_with(eval_batch, batch_size: int) -> Callable:
+def _evaluate_with(eval_batch, batch_size: int, zeros: Callable) -> Callable:
     # A Python loop of top-level calls: XLA:CPU runs its convolution ~6x slower inside a
     # loop program, and a validation pass is only N / batch_size (5-10) calls.
-    def evaluate(state, split, totals=None):
-        totals = zero_totals() if totals is None else totals
+    def evaluate(state, split):
+        totals = zeros(state, split)
         predictions = []
         for start in range(0, split.size, batch_size):
             totals, batch_predictions = eval_batch(state, totals, split, np.int32(start))
@@ -246,7 +274,7 @@ def make_evaluate(batch_size: int, eval_step: Callable = steps.eval_step) -> Cal
     """One seed's `evaluate(state, split) -> (totals, predictions [N])` over every example
     of the split, in order."""
     eval_batch = jax.jit(functools.partial(_eval_batch, eval_step, batch_size))
-    return _evaluate_with(eval_batch, batch_size)
+    return _evaluate_with(eval_batch, batch_size, totals_maker(eval_step, batch_size, 0))
 
 
 class Epochs(NamedTuple):
@@ -257,7 +285,8 @@ class Epochs(NamedTuple):
         `chunks` compiled calls, `on_chunk(steps)` after each finished one.
     evaluate(states, split) -> (totals, predictions [K, N]) for every seed.
     keep_best(best, states, improved [K] bool) -> best: each improved seed's new state.
-    Totals are dicts of [K] device arrays (loss_sum, correct, count).
+    Totals are dicts of [K] device arrays (loss_sum, correct, count, and whatever other
+    sums the step returns).
     """
 
     train: Callable
@@ -280,6 +309,12 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     """
     one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size)
     keep = jax.jit(keep_best)
+    train_zeros = totals_maker(train_step, batch_size, 1)
+    eval_zeros = totals_maker(eval_step, eval_batch_size, 0)
+
+    def seed_axis_zeros(zeros, states, split):  # one seed's zero totals, for every seed
+        return _seed_axis(zeros(one_seed(states), split), seed_count(states))
+
     if layout in ("vmap", "map"):
         if engine != "scan":
             raise ConfigError(f"the {layout} layout needs the scan engine, not the loop engine "
@@ -307,20 +342,18 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
 
         train_chunk = jax.jit(train_chunk, donate_argnums=0)
         orders = jax.jit(jax.vmap(epoch_order, in_axes=(0, None, None)), static_argnums=(1, 2))
-        evaluate_all = _evaluate_with(jax.jit(eval_batch), eval_batch_size)
+        evaluate = _evaluate_with(jax.jit(eval_batch), eval_batch_size,
+                                  functools.partial(seed_axis_zeros, eval_zeros))
 
         def train(states, split, active, on_chunk=None):
             training = sum(map(bool, active))  # counted on the host: no device round trip
             active = jnp.asarray(active)
             order, mask = orders(states, split.size, batch_size)
-            totals = _seed_axis(zero_totals(), seed_count(states))
+            totals = seed_axis_zeros(train_zeros, states, split)
             call = lambda carry, start, stop: train_chunk(  # noqa: E731
                 *carry, split, order, mask, start, stop, active)
             return _drive(call, (states, totals), chunk_bounds(order.shape[1], chunks),
                           on_chunk, training)
-
-        def evaluate(states, split):
-            return evaluate_all(states, split, _seed_axis(zero_totals(), seed_count(states)))
 
         train.train_chunk = train_chunk  # exposed so tests can count traces
         return Epochs(train, evaluate, keep, engine, layout)
@@ -331,7 +364,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
 
         def train(states, split, active, on_chunk=None):
             results = [train_one(seed_slice(states, i), split, on_chunk) if on
-                       else (seed_slice(states, i), zero_totals())
+                       else (seed_slice(states, i), train_zeros(one_seed(states), split))
                        for i, on in enumerate(active)]
             return stack_seeds([s for s, _ in results]), stack_seeds([t for _, t in results])
 
@@ -382,8 +415,9 @@ def resolve_layout(layout: str, engine: str, backend: str | None = None) -> str:
     return "vmap" if backend != "cpu" and engine == "scan" else "sequential"
 
 
-def resolve_engine(engine: str, conv_impl: str, backend: str | None = None) -> str:
-    """ "auto": the engine measured fastest for the backend and conv formulation.
+def resolve_engine(engine: str, xla_conv: bool, backend: str | None = None) -> str:
+    """ "auto": the engine measured fastest for the backend and the training formulation
+    (`xla_conv`: whether its program holds XLA's convolution; model.uses_xla_conv).
 
     Scan everywhere, except XLA:CPU's own convolution, which runs several times slower
     inside a loop program than as a top-level op (about 6x for the convolution alone in
@@ -392,4 +426,4 @@ def resolve_engine(engine: str, conv_impl: str, backend: str | None = None) -> s
     if engine != "auto":
         return engine
     backend = backend or jax.default_backend()
-    return "loop" if backend == "cpu" and conv_impl == "xla" else "scan"
+    return "loop" if backend == "cpu" and xla_conv else "scan"

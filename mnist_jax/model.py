@@ -15,9 +15,13 @@ Initialisers follow Keras (glorot_uniform kernels, zero biases) so runs are comp
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from mnist_jax.config import ModelConfig
@@ -109,11 +113,111 @@ def build_model(config: ModelConfig, backend: str | None = None, purpose: str = 
     return CNN(resolve_impls(config, backend, purpose))
 
 
-def init_params(model: CNN, key):
+def formulations(model: nn.Module | ModelConfig, backend: str | None = None
+                 ) -> tuple[nn.Module, nn.Module]:
+    """(training, evaluation) formulations of `model`: a ModelConfig (or a CNN) gives the
+    CNN with its "auto" formulations resolved for each purpose; any other module is its own
+    evaluation formulation."""
+    if isinstance(model, CNN):
+        model = model.config
+    if isinstance(model, ModelConfig):
+        return build_model(model, backend, "train"), build_model(model, backend, "eval")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a Flax module or a ModelConfig, not "
+                        f"{type(model).__name__}")
+    return model, model
+
+
+@dataclasses.dataclass(frozen=True)
+class Apply:
+    """`module.apply` as the steps call it: `(variables, images, mask, *, train, **kw)`.
+    The batch's mask [B] (1 real, 0 padding) is passed to a module whose `__call__` takes
+    `mask`, so that batch statistics can leave the padding out; other modules never see it.
+    A frozen dataclass, so two of the same module are equal (one compiled program)."""
+
+    module: nn.Module
+
+    @property
+    def takes_mask(self) -> bool:
+        return "mask" in inspect.signature(type(self.module).__call__).parameters
+
+    def __call__(self, variables, images, mask, *, train: bool, **kwargs):
+        if self.takes_mask:
+            kwargs["mask"] = mask
+        return self.module.apply(variables, images, train=train, **kwargs)
+
+
+INIT_DROPOUT = 1  # the dropout stream of an init key (a module may draw at init)
+
+
+def init_variables(module: nn.Module, key, image_shape: tuple[int, ...]) -> dict:
+    """Every variable collection of `module` ({"params": ..., "batch_stats": ...}), from
+    `key` alone and the input shape."""
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    rngs = {"params": key, "dropout": jax.random.fold_in(key, INIT_DROPOUT)}
+    mask = {"mask": jnp.ones((1,), jnp.float32)} if Apply(module).takes_mask else {}
+    return dict(module.init(rngs, dummy, train=False, **mask))
+
+
+def init_params(model: nn.Module, key):
     """Parameters for `model`, from `key` alone (no data needed beyond the input shape)."""
-    dummy = jnp.zeros((1, *model.config.image_shape), jnp.float32)
-    return model.init({"params": key}, dummy, train=False)["params"]
+    return init_variables(model, key, model.config.image_shape)["params"]
 
 
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def uses_xla_conv(apply: Apply, variables: dict, image_shape: tuple[int, ...]) -> bool:
+    """Whether the module's training program holds XLA's convolution (what decides the
+    engine on CPU), found in its traced program rather than from any field of the model."""
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1,), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda v, x, m: apply(
+        v, x, m, train=True, rngs={"dropout": jax.random.PRNGKey(0)},
+        mutable=[c for c in variables if c != "params"]))(variables, images, mask)
+    return any(eqn.primitive.name == "conv_general_dilated" for eqn in _equations(jaxpr.jaxpr))
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
+
+
+def describe(module: nn.Module, params) -> dict:
+    """What config.json records of a model: its class and fields, parameter count and
+    variable collections, and forward FLOPs per image where known."""
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+              if f.name not in ("parent", "name")}
+    return {
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "fields": {k: jsonable(v) for k, v in fields.items()},
+        "num_params": count_params(params),
+        "forward_flops_per_image": (module.config.forward_flops if isinstance(module, CNN)
+                                    else "unknown"),
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-ready form of a field or argument: dataclasses as dicts, functions by their
+    qualified name, partials with their arguments, anything else by repr."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, nn.Module):
+            return {"class": type(value).__qualname__, **{
+                f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name not in ("parent", "name")}}
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {"function": jsonable(value.func), **{k: jsonable(v) for k, v in value.keywords.items()},
+                **({"args": jsonable(value.args)} if value.args else {})}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return repr(value)

@@ -2,8 +2,9 @@
 decides where it goes. With no folder (out_dir None) every call does nothing.
 
 A run folder holds:
-  config.json          model and training configs, seeds, protocol, parameter count and
-                       forward FLOPs, library versions, devices
+  config.json          what ran: the model (class, fields, parameter count, FLOPs where
+                       known, variable collections), loss, optimizer, batch transform and
+                       steps; the training protocol, seeds, data; library versions, devices
   history.csv          one row per seed per epoch it trained: train/val loss and accuracy,
                        whether it improved, epoch time, resources (shared by the seeds)
   result.json          per seed: best and stop epochs, best value, whether it diverged, its
@@ -26,7 +27,6 @@ import numpy as np
 
 from mnist_jax import records
 from mnist_jax.checkpointing import BestCheckpoint, LatestCheckpoint
-from mnist_jax.config import to_dict
 from mnist_jax.errors import UserError
 
 LATEST_DIR = "checkpoints/latest"
@@ -41,38 +41,61 @@ def is_finished(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / records.RESULT_FILE).is_file()
 
 
-def finished_with_settings(run_dir: str | os.PathLike, model_config, train_config,
-                           splits) -> bool:
+def finished_with_settings(run_dir: str | os.PathLike, model, train_config, splits,
+                           parts=None) -> bool:
     """For --resume: whether the run in `run_dir` is finished, and then was run with these
-    settings (else a one-line error: resuming must not mix settings in one study)."""
+    settings and parts (else a one-line error: resuming must not mix settings in one study).
+    `model`: a ModelConfig or a Flax module; `parts`: run.Parts (None: the defaults)."""
     if not is_finished(run_dir):
         return False
-    check_same_settings(run_dir, model_config, train_config, splits)
+    from mnist_jax.run import expected_settings  # builds the model: only when needed
+
+    check_same_settings(run_dir, expected_settings(model, train_config, parts,
+                                                   splits.train.images.shape[1:]), splits)
     return True
 
 
-def check_same_settings(run_dir: str | os.PathLike, model_config, train_config, splits) -> None:
+def check_same_settings(run_dir: str | os.PathLike, expected: dict, splits) -> None:
     """Refuse (one line, naming the differences) a run folder whose config.json records
-    other settings than these: model, training protocol, seeds, data slice. Settings left
-    "auto" are not compared (the run recorded what they resolved to)."""
+    other settings than `expected` (run.expected_settings: model, loss, optimizer,
+    transform, steps, training protocol) or another data slice. Settings left "auto" are
+    not compared (the run recorded what they resolved to)."""
     path = Path(run_dir) / records.CONFIG_FILE
-    given = {"model": to_dict(model_config), "train": to_dict(train_config),
-             "data": {"validation": splits.validation,
-                      "train_examples": len(splits.train.labels),
-                      "val_examples": len(splits.val.labels),
-                      "test_examples": len(splits.test.labels)}}
+    given = {**expected, "data": {"validation": splits.validation,
+                                  "train_examples": len(splits.train.labels),
+                                  "val_examples": len(splits.val.labels),
+                                  "test_examples": len(splits.test.labels)}}
     try:
         saved = records.read_json(path)
-        differences = [f"{part}.{key}: {saved[part].get(key)!r} there, {value!r} now"
-                       for part, values in given.items() for key, value in values.items()
-                       if value != "auto"
-                       and saved[part].get(key) != records.json_roundtrip(value)]
+        if not isinstance(saved, dict):
+            raise TypeError(f"a JSON {type(saved).__name__}, not an object")
+        differences = [f"{key}: {_at(saved, key)!r} there, {value!r} now"
+                       for key, value in _leaves(records.json_roundtrip(given))
+                       if value != "auto" and _at(saved, key) != value]
     except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cannot resume: {path} is damaged ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if differences:
         raise UserError(f"cannot resume {run_dir}: it was started with other settings "
                         f"({'; '.join(differences[:3])})")
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every non-dict value of nested dicts."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _at(tree: dict, dotted: str):
+    """The value at a dotted key of nested dicts (None where absent)."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
 
 
 class Recorder:
@@ -93,14 +116,15 @@ class Recorder:
         if self.out is not None:
             records.write_json(self.out / records.CONFIG_FILE, description)
 
-    def check_resumable(self, model_config, train_config, splits) -> None:
-        """Refuse to resume a finished run, or one started with other settings."""
+    def check_resumable(self, expected: dict, splits) -> None:
+        """Refuse to resume a finished run, or one started with other settings than
+        `expected` (run.expected_settings)."""
         if self.out is None:
             return
         if is_finished(self.out):
             raise UserError(f"{self.out} holds a finished run: nothing to resume")
         if (self.out / records.CONFIG_FILE).exists():  # else: stopped before writing anything
-            check_same_settings(self.out, model_config, train_config, splits)
+            check_same_settings(self.out, expected, splits)
 
     def read_history(self) -> list[dict]:
         path = self.out / records.HISTORY_FILE if self.out is not None else None

@@ -11,8 +11,6 @@ weights are evaluated once on the test split. What is written where: recorder.py
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import os
 import platform
@@ -21,76 +19,24 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import cli, engine, interrupts, records, report, steps
 from mnist_jax import resources
-from mnist_jax.config import ModelConfig, TrainConfig, to_dict
+from mnist_jax.config import ModelConfig, TrainConfig
 from mnist_jax.data import Splits
 from mnist_jax.early_stopping import EarlyStopping
 from mnist_jax.errors import UserError
-from mnist_jax.model import CNN, build_model, count_params, init_params
+from mnist_jax.model import CNN
 from mnist_jax.progress import Progress
+from mnist_jax.run import Parts, Run, build_run, expected_settings, train_record
+from mnist_jax.run import init_state, init_states  # noqa: F401  (the public names)
 from mnist_jax.recorder import (LATEST_DIR, Recorder, finished_with_settings,
                                seed_checkpoint_dir)
 from mnist_jax.resources import ResourceSampler
-
-INIT_STREAM = 0
-RUN_STREAM = 1
-
-
-def new_state(model: CNN, tx, seed: int) -> steps.TrainState:
-    """One seed's initial train state, from the seed alone: parameters from one stream of
-    its key, and the `rng` every later draw (dropout, shuffling) derives from."""
-    root = jax.random.PRNGKey(seed)
-    params = init_params(model, jax.random.fold_in(root, INIT_STREAM))
-    return steps.create_train_state(model, params, tx, jax.random.fold_in(root, RUN_STREAM))
-
-
-def init_states(model_config: ModelConfig, train_config: TrainConfig, tx=None):
-    """The model and every seed's initial state, stacked on a leading seed axis [K, ...]."""
-    model = build_model(model_config)
-    tx = tx if tx is not None else steps.adam(train_config.learning_rate)
-    return model, engine.stack_seeds([new_state(model, tx, seed)
-                                      for seed in train_config.seed_values])
-
-
-def init_state(model_config: ModelConfig, train_config: TrainConfig, tx=None, seed=None):
-    """The model and one seed's initial train state (default seed: train_config.seed),
-    exactly seed i's slice of init_states."""
-    one = dataclasses.replace(train_config, seeds=1,
-                              seed=train_config.seed if seed is None else seed)
-    model, states = init_states(model_config, one, tx)
-    return model, engine.seed_slice(states, 0)
-
-
-@dataclass
-class Run:
-    """What the epochs need, built once: the formulations, initial states, compiled epochs."""
-
-    model: CNN  # the training formulation
-    eval_model: CNN  # the same function and parameters, formulated for evaluation
-    states: steps.TrainState  # every leaf has a leading seed axis [K, ...]
-    epochs: engine.Epochs
-
-
-def build_run(model_config: ModelConfig, train_config: TrainConfig, *,
-              train_step: Callable = steps.train_step, eval_step: Callable | None = None,
-              tx=None) -> Run:
-    """`eval_step(state, batch) -> (metrics, predictions)` defaults to steps.eval_step with
-    the evaluation formulation of the model."""
-    model, states = init_states(model_config, train_config, tx)
-    eval_model = build_model(model_config, purpose="eval")
-    engine_name = engine.resolve_engine(train_config.engine, model.config.conv_impl)
-    layout = engine.resolve_layout(train_config.layout, engine_name)
-    eval_step = eval_step or functools.partial(steps.eval_step, apply_fn=eval_model.apply)
-    epochs = engine.compile_epochs(train_config.batch_size, train_config.eval_batch_size,
-                                   engine_name, layout, train_step, eval_step,
-                                   train_config.epoch_chunks)
-    return Run(model, eval_model, states, epochs)
-
 
 def run_epoch(epochs: engine.Epochs, states, train_split: engine.Split,
               val_split: engine.Split, active: list[bool], on_chunk=None):
@@ -133,36 +79,47 @@ class FitResult:
         return [s.seed for s in self.seeds if s.diverged_epoch is not None]
 
 
-def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
-        out_dir: str | os.PathLike | records.RunDir | None = None, *, name: str = "model", resume: bool = False,
-        train_step: Callable = steps.train_step, eval_step: Callable | None = None, tx=None,
+def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Splits,
+        out_dir: str | os.PathLike | records.RunDir | None = None, *, name: str = "model",
+        resume: bool = False, loss_fn: steps.LossFn = steps.cross_entropy, tx=None,
+        tx_name: str | None = None, batch_transform: steps.BatchTransform | None = None,
+        train_step: Callable | None = None, eval_step: Callable | None = None,
         log: Callable[[str], None] = cli.log, progress: bool | None = None) -> FitResult:
     """Train `train_config.seeds` seeds with early stopping on `splits.val`; evaluate each
     seed's restored weights once on `splits.test`.
 
     Args:
+      model: a ModelConfig (the CNN) or any Flax module called as `(images, *, train)`
+        (and `mask=` if its __call__ takes one); its variable collections besides params
+        (batch statistics) are trained, checkpointed and used by evaluation.
       out_dir: where the run's files go (recorder.py), claimed for this process
         (records.RunDir; or one already claimed); None writes nothing.
       resume: continue the run in `out_dir` after its last finished epoch (a new or empty
-        folder starts afresh); refused if that run was started with other settings.
-      train_step: `(state, batch, key) -> (state, metrics)`, e.g. another loss.
+        folder starts afresh); refused if that run was started with other settings or parts.
+      loss_fn: `(logits, labels, params) -> [B]` per example, for training, validation and
+        test alike (cross-entropy and accuracy are reported beside it).
+      tx, tx_name: an optax optimizer in place of Adam(train_config.learning_rate), and the
+        name config.json records for it.
+      batch_transform: `(batch, key) -> batch` on the device before each training step
+        (augmentation), with the state's "augment" key stream.
+      train_step: `(state, batch) -> (state, metrics)`, replacing the default step (which
+        applies loss_fn and batch_transform); extra sums in `metrics` become history columns.
       eval_step: `(state, batch) -> (metrics, predictions)`, for validation and test.
-      tx: an optax optimizer in place of Adam(learning_rate).
       log: receives one line per epoch (and a few notes).
       progress: progress bars (tqdm, on stderr); None: when stderr is a terminal.
 
     A SIGINT or SIGTERM (interrupts.py) stops it at the next chunk of steps by raising
     interrupts.Interrupted; every finished epoch is on disk and resumable by then.
     """
+    parts = Parts(loss_fn, tx, tx_name, batch_transform, train_step, eval_step)
     cfg = train_config
     recorder = Recorder(out_dir, cfg.seed_values, resume=resume)
     sampler = bars = None
     finished = False
     try:
         with interrupts.deferred():  # a signal waits for the next check(): never mid-JAX
-            run = build_run(model_config, cfg, train_step=train_step, eval_step=eval_step, tx=tx)
-            num_params = count_params(engine.seed_slice(run.states.params, 0))
-            description = run_description(run, cfg, num_params, name, splits)
+            run = build_run(model, cfg, parts, image_shape=splits.train.images.shape[1:])
+            num_params = run.num_params
             seeds = [SeedResult(seed, EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
                                                     min_delta=cfg.min_delta))
                      for seed in cfg.seed_values]
@@ -170,9 +127,10 @@ def fit(model_config: ModelConfig, train_config: TrainConfig, splits: Splits,
             best = jax.tree.map(jnp.copy, states)  # per seed, the state of its best epoch so far
             done, history = 0, []
             if resume:  # every refusal comes before the first write
-                recorder.check_resumable(model_config, cfg, splits)
+                recorder.check_resumable(expected_settings(
+                    model, cfg, parts, splits.train.images.shape[1:]), splits)
                 done, states, best, history = resume_run(recorder, seeds, states, best, cfg.monitor)
-            recorder.write_config(description)
+            recorder.write_config(run_description(run, cfg, name, splits))
             log(describe_start(name, run, cfg, num_params, splits)
                 + (f"; resuming after epoch {done}" if done else ""))
             train_split, val_split = engine.to_device(*splits.train), engine.to_device(*splits.val)
@@ -350,14 +308,22 @@ def seed_record(seed: SeedResult) -> dict:
 
 def describe_start(name: str, run: Run, cfg: TrainConfig, num_params: int,
                    splits: Splits) -> str:
-    m, ev = run.model.config, run.eval_model.config
     seeds = cfg.seed_values
-    return (f"[{name}] conv {m.conv_features}, {num_params:,} parameters, "
+    return (f"[{name}] {describe_model(run)}, {num_params:,} parameters, "
             f"{len(seeds)} seed(s) {seeds[0]}..{seeds[-1]} ({run.epochs.layout}), engine "
-            f"{run.epochs.engine} ({m.conv_impl} conv, {m.pool_impl} pool; eval {ev.conv_impl} "
-            f"conv, {ev.pool_impl} pool), {len(splits.train.labels):,} train / "
+            f"{run.epochs.engine}, {len(splits.train.labels):,} train / "
             f"{len(splits.val.labels):,} val ({splits.validation}) / "
             f"{len(splits.test.labels):,} test examples")
+
+
+def describe_model(run: Run) -> str:
+    """The model in a few words: the CNN by its conv blocks and formulations, any other
+    module by its class."""
+    if isinstance(run.model, CNN):
+        m, ev = run.model.config, run.eval_model.config
+        return (f"conv {m.conv_features} ({m.conv_impl} conv, {m.pool_impl} pool; eval "
+                f"{ev.conv_impl} conv, {ev.pool_impl} pool)")
+    return type(run.model).__name__
 
 
 def format_epoch(name: str, epoch: int, epochs: int, rows: list[dict], has_gpu: bool) -> str:
@@ -378,19 +344,15 @@ def format_epoch(name: str, epoch: int, epochs: int, rows: list[dict], has_gpu: 
     return line
 
 
-def run_description(run: Run, train_config: TrainConfig, num_params: int, name: str,
-                    splits: Splits) -> dict:
-    """What config.json records: enough to rerun and to know where the run ran."""
+def run_description(run: Run, train_config: TrainConfig, name: str, splits: Splits) -> dict:
+    """What config.json records: what ran (model, loss, optimizer, transform, steps), the
+    protocol, the data, and where it ran; enough to rerun it."""
     return {
         "name": name,
-        "model": to_dict(run.model.config),
-        "eval_formulation": {"conv_impl": run.eval_model.config.conv_impl,
-                             "pool_impl": run.eval_model.config.pool_impl},
-        "train": {**to_dict(train_config), "engine": run.epochs.engine,
+        **run.description,
+        "train": {**train_record(train_config, run.parts), "engine": run.epochs.engine,
                   "layout": run.epochs.layout, "mode": train_config.resolved_mode,
                   "seed_values": list(train_config.seed_values)},
-        "num_params": num_params,
-        "forward_flops_per_image": run.model.config.forward_flops,
         "data": {"validation": splits.validation,
                  "train_examples": len(splits.train.labels),
                  "val_examples": len(splits.val.labels),

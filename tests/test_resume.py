@@ -356,11 +356,11 @@ def test_a_diverging_seed_stops_alone_and_the_study_exits_non_zero(mnist_path, t
     patch = """
         import functools
         import jax, jax.numpy as jnp
-        from mnist_jax import steps, train
+        from mnist_jax import run, steps, train
         from experiments import depth_study
-        target = jax.random.fold_in(jax.random.PRNGKey(1), train.RUN_STREAM)  # seed 1's rng
-        def poisoned(state, batch, key):
-            state_, metrics = steps.train_step(state, batch, key)
+        target = jax.random.fold_in(jax.random.PRNGKey(1), run.RUN_STREAM)  # seed 1's rng
+        def poisoned(state, batch):
+            state_, metrics = steps.train_step(state, batch)
             bad = jnp.all(state.rng == target) & (state.step >= 15)
             params = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), state_.params)
             return state_.replace(params=params), {

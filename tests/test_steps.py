@@ -33,7 +33,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny):
     before = loss(state)
     step = jax.jit(steps.train_step)
     for i in range(40):
-        state, _ = step(state, batch, jax.random.PRNGKey(i))
+        state, _ = step(state, batch)
     assert int(state.step) == 40
     assert loss(state) < 0.75 * before
 
@@ -44,13 +44,12 @@ def test_padded_examples_do_not_change_the_update(tiny):
     full = _batch(tiny, 32)
     padded = dict(full, mask=(jnp.arange(32) < 20).astype(jnp.float32))
     short = {k: v[:20] for k, v in full.items()}
-    key = jax.random.PRNGKey(5)
     # No dropout, so the two batches draw no differently-shaped masks; plain SGD, so the
     # update is the gradient itself (Adam's first step would hide a wrong scale).
     model_cfg = ModelConfig(conv_features=(8, 8), dense_features=(16,), dropout_rate=0.0)
     _, state = init_state(model_cfg, TrainConfig(seed=0), tx=optax.sgd(1.0))
-    s_pad, m_pad = jax.jit(steps.train_step)(state, padded, key)
-    s_short, m_short = jax.jit(steps.train_step)(state, short, key)
+    s_pad, m_pad = jax.jit(steps.train_step)(state, padded)
+    s_short, m_short = jax.jit(steps.train_step)(state, short)
     assert float(m_pad["count"]) == 20.0
     np.testing.assert_allclose(m_pad["loss_sum"], m_short["loss_sum"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s_pad.params), jax.tree.leaves(s_short.params)):
@@ -129,15 +128,15 @@ def test_epochs_compile_once(tiny, engine_name):
 
 
 def test_another_loss_swaps_in_without_editing_the_library(tiny):
-    def squared_error(logits, labels):
+    def squared_error(logits, labels, params=None):
         return jnp.sum((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 10)) ** 2, -1)
 
     step = jax.jit(functools.partial(steps.train_step, loss_fn=squared_error))
     _, state = init_state(SMALL, TrainConfig(seed=0))
-    batch, key = _batch(tiny), jax.random.PRNGKey(3)
+    batch = _batch(tiny)
     logits = state.apply_fn({"params": state.params}, steps.normalize(batch["image"]),
-                            train=True, rngs={"dropout": key})
-    _, metrics = step(state, batch, key)
+                            batch["mask"], train=True, rngs={"dropout": steps.step_key(state)})
+    _, metrics = step(state, batch)
     np.testing.assert_allclose(metrics["loss_sum"], squared_error(logits, batch["label"]).sum(),
                                rtol=1e-5)
     split = engine.to_device(*tiny.train)
@@ -146,10 +145,10 @@ def test_another_loss_swaps_in_without_editing_the_library(tiny):
 
 
 def test_auto_engine_avoids_xla_cpu_convolution_inside_scan():
-    assert engine.resolve_engine("auto", "patches", "cpu") == "scan"
-    assert engine.resolve_engine("auto", "xla", "cpu") == "loop"
-    assert engine.resolve_engine("auto", "xla", "gpu") == "scan"
-    assert engine.resolve_engine("loop", "patches", "gpu") == "loop"
+    assert engine.resolve_engine("auto", False, "cpu") == "scan"
+    assert engine.resolve_engine("auto", True, "cpu") == "loop"
+    assert engine.resolve_engine("auto", True, "gpu") == "scan"
+    assert engine.resolve_engine("loop", False, "gpu") == "loop"
 
 
 def _keras_adam_reference(grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-7):

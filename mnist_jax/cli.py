@@ -250,6 +250,7 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
     """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
     and exit status 2, with no traceback (with `debug` (--debug), with its traceback).
     SIGINT and SIGTERM stop it cleanly (exit 130, 143; interrupts.py)."""
+    _null_closed_std_streams()
     if not debug:
         # Orbax and tensorflow-datasets log their failures through absl before raising; the
         # one-line error below says the same, so their log lines would only repeat it.
@@ -280,6 +281,24 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
     return 0
 
 
+def _null_closed_std_streams() -> None:
+    """A command started with stdout or stderr closed (`>&-`, `2>&-`), where Python leaves
+    sys.stdout (sys.stderr) None, runs as with it sent to /dev/null: the run's files are
+    its record. The free file descriptor is taken for /dev/null too, or the next file the
+    run opens would get it and any library's writes to stdout would land in that file."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:  # closed
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(os.devnull, "w"))
+
+
 def _out_of_device_memory(e: Exception) -> bool:
     """A batch or model too large for the device: the user's choice, not a bug. Any other
     error from XLA (a deleted buffer, an invalid argument) is the program's."""
@@ -292,6 +311,8 @@ def log(line: str) -> None:
     """Print a line to stdout, above any progress bars (tqdm clears and redraws them)."""
     from tqdm.auto import tqdm
 
+    if sys.stdout is None:  # closed, outside run_main (which sends it to /dev/null)
+        return
     try:
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()

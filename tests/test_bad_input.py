@@ -607,3 +607,33 @@ def test_a_full_disk_during_the_report_is_one_line_naming_the_file(finished_stud
     summary = study / report.SUMMARY_JSON
     assert err.splitlines() == [f"error: {os.strerror(errno.ENOSPC)} ({summary})"]
     assert snapshot(study) == before  # the summary and figures as they were, no temp file
+
+
+# ---- closed standard streams ----
+
+@pytest.mark.mnist
+def test_a_run_with_stdout_closed_is_a_clean_run(mnist_path, tmp_path):
+    """`... >&-`: Python leaves sys.stdout None, and the first log line ended the run in an
+    AttributeError traceback. Now the log goes nowhere and the run finishes; the closed
+    descriptor is taken for /dev/null, so no file the run opens becomes its stdout."""
+    out = tmp_path / "run"
+    shell = 'exec "$0" "$@" >&-'  # a real closed stdout (DEVNULL would be an open one)
+    proc = subprocess.run(
+        ["sh", "-c", shell, sys.executable, "-m", TRAIN, "--data-dir", str(mnist_path),
+         "--train-limit", "200", "--epochs", "1", "--seeds", "1", "--out", str(out)],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert records.read_json(out / records.RESULT_FILE)
+    assert (out / records.LOCK_FILE).read_text().strip().isdigit()  # the pid, nothing else
+
+
+def test_a_refusal_with_stderr_closed_still_exits_2(tmp_path):
+    """`... 2>&-`: the error line has nowhere to go (print(file=None) would have sent it to
+    stdout), but the status still says it."""
+    (tmp_path / "a-file").write_text("a regular file\n")
+    shell = 'exec "$0" "$@" 2>&-'
+    proc = subprocess.run(["sh", "-c", shell, sys.executable, "-m", TRAIN,
+                           "--out", str(tmp_path / "a-file")],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == ""

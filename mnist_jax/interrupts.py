@@ -7,8 +7,12 @@ was seen). Here the first SIGINT or SIGTERM inside a `deferred()` region (all of
 only records the request; the training loop calls `check()` between chunks of steps and
 between epochs, where everything finished is on disk, and stops there by raising
 `Interrupted`. Outside such regions (data loading, report writing, whose writes are
-atomic) the handler raises `Interrupted` at once. A second signal exits at once, with
-the same status and no traceback: every file already written is complete.
+atomic) the handler raises `Interrupted` at once, except where Python would only print
+and drop the exception ("Exception ignored in ..."): inside a garbage-collection callback
+(JAX registers one) or a `__del__`. There the signal is put off to the first call or
+return outside such frames (a profile function, see _raise_after). A second signal
+exits at once, with the same status and no traceback: every file already written is
+complete.
 
 Exit statuses follow the shell's convention: 128 + the signal number (130 for SIGINT,
 143 for SIGTERM).
@@ -17,6 +21,7 @@ Exit statuses follow the shell's convention: 128 + the signal number (130 for SI
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -55,7 +60,37 @@ def _handle(signum, frame):
                          f"of steps or save (again to exit at once)\n")
         sys.stderr.flush()
         return
+    if _exceptions_ignored_in(frame):
+        _raise_after(signum)
+        return
     raise Interrupted(signum)
+
+
+def _raise_after(signum: int) -> None:
+    """Raise Interrupted at the main thread's first Python event (a call, a return, a C
+    call) outside the frames where exceptions are ignored: a profile function, removed
+    (the previous one put back) as it raises."""
+    previous = sys.getprofile()
+
+    def profile(frame, event, arg):
+        if _exceptions_ignored_in(frame):
+            return
+        sys.setprofile(previous)
+        if not _deferring:  # else the next check() raises
+            raise Interrupted(signum)
+
+    sys.setprofile(profile)
+
+
+def _exceptions_ignored_in(frame) -> bool:
+    """Whether `frame` or a caller is a garbage-collection callback (JAX's
+    _xla_gc_callback) or a __del__, where Python prints and drops an exception."""
+    callbacks = {getattr(getattr(c, "__func__", c), "__code__", None) for c in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

@@ -7,18 +7,21 @@
 A benchmark, not a test: it asserts nothing and its numbers depend on the machine and on
 whatever else runs on it (the load average is recorded at start and end).
 
-What it measures, per variant (2conv = conv (32, 32), 3conv = conv (32, 32, 64)):
+What it measures, per variant (VARIANTS: 2conv = ModelConfig(conv_features=(32, 32)), 3conv =
+ModelConfig(conv_features=(32, 32, 64)), the rest of each config the notebook's defaults):
 - JAX: one epoch as fit() runs it, `train.run_epoch` itself: training over the 60k
   training images (batch 32) plus validation on the 10k test images (batch 1000), for
   every seed of the run, timed up to the host fetch of both sets of totals. With
   `--seeds 1,3` it times one seed and three seeds side by side (`--layout` says how the
   seeds share the device). Compile time: first epoch minus median epoch, with JAX's own
   compile events (jax.monitoring) beside it.
-- Keras: the notebook's model, one `model.fit(x, y, batch_size=32, epochs=1,
+- Keras: the notebook's model built from the same ModelConfig and TrainConfig
+  (benchmarks/keras_reference.py), one `model.fit(x, y, batch_size=..., epochs=1,
   validation_data=(xt, yt), shuffle=True)` call per epoch (the call's own overhead
   included). Keras runs on the CPU: TensorFlow is told to use no GPU.
-Each contestant (JAX at each seed count, Keras) gets one warm-up epoch per variant, then --epochs timed epochs; the rounds
-alternate JAX and Keras (and which one goes first) so drifting load hits both alike.
+Each contestant (JAX at each seed count, Keras) gets one warm-up epoch per variant, then
+--epochs timed epochs; the rounds alternate JAX and Keras (and which one goes first) so
+drifting load hits both alike.
 Models and states live across rounds, so every timed epoch continues the same training.
 
 Prints a markdown table and writes everything (per-epoch times, metrics, memory, machine
@@ -29,6 +32,7 @@ with --tiny, epoch_speed-<backend>-tiny.json, so a smoke run never replaces a re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -41,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import psutil
 
 from mnist_jax import cli, engine, records
@@ -54,7 +57,11 @@ from mnist_jax.resources import jax_peak_bytes
 from mnist_jax.resources import cpu_model, package_versions
 from mnist_jax.train import Run, build_run, run_epoch
 
-VARIANTS = {"2conv": (32, 32), "3conv": (32, 32, 64)}
+from benchmarks import keras_reference
+
+# The depth study's two models (experiments/depth_study.py), the notebook's otherwise.
+VARIANTS = {"2conv": ModelConfig(conv_features=(32, 32)),
+            "3conv": ModelConfig(conv_features=(32, 32, 64))}
 FRAMEWORKS = ("jax", "keras")
 SEED = 0
 EVAL_BATCH_SIZE = TrainConfig().eval_batch_size  # fit()'s validation batch (1000)
@@ -113,15 +120,26 @@ class JaxRun:
 PROGRESS_MODES = {"": (None, False), "+bar": (None, True), "-1call": (1, False)}
 
 
-def build_jax_run(conv_features, seeds: int, args, splits, mode: str = "") -> JaxRun:
+def variant_config(variant: str, args) -> ModelConfig:
+    """The variant's ModelConfig with the formulations --conv-impl and --pool-impl ask for
+    (they change how XLA computes the JAX model, not the function; Keras ignores them)."""
+    return dataclasses.replace(VARIANTS[variant], conv_impl=args.conv_impl,
+                               pool_impl=args.pool_impl)
+
+
+def train_config(args, seeds: int = 1, chunks: int | None = None) -> TrainConfig:
+    """The TrainConfig both frameworks train with (batch --batch-size, seed SEED, the
+    notebook's learning rate); JAX's layout, engine and chunks from the flags."""
+    return TrainConfig(seed=SEED, seeds=seeds, layout=args.layout,
+                       batch_size=args.batch_size, engine=args.engine,
+                       epoch_chunks=chunks or TrainConfig().epoch_chunks)
+
+
+def build_jax_run(model_config: ModelConfig, seeds: int, args, splits,
+                  mode: str = "") -> JaxRun:
     """The project's own wiring, exactly as fit() builds it (train.build_run)."""
     chunks, bar = PROGRESS_MODES[mode]
-    model_config = ModelConfig(conv_features=conv_features, conv_impl=args.conv_impl,
-                               pool_impl=args.pool_impl)
-    train_config = TrainConfig(seed=SEED, seeds=seeds, layout=args.layout,
-                               batch_size=args.batch_size, engine=args.engine,
-                               epoch_chunks=chunks or TrainConfig().epoch_chunks)
-    run = build_run(model_config, train_config)
+    run = build_run(model_config, train_config(args, seeds, chunks))
     return JaxRun(seeds, run, run.states, splits[0], splits[1],
                   count_params(engine.seed_slice(run.states.params, 0)), bar,
                   seeds * engine.steps_per_epoch(splits[0].size, args.batch_size))
@@ -152,54 +170,17 @@ def jax_device_peak_mb() -> float | None:
 
 # -------------------------------------------------------------------------- Keras side
 
-def import_keras():
-    """(keras, tensorflow, None), or (None, None, why not): Keras is optional here."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # the notebook's Keras
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's INFO lines drown the output
-    try:
-        import tensorflow as tf
-        import keras
-    except Exception as e:  # ImportError, or a broken install failing in other ways
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        return None, None, f"{type(e).__name__}: {first_line}"
-    try:
-        # Keras is the CPU reference; on a GPU machine TF must not take the memory JAX uses.
-        tf.config.set_visible_devices([], "GPU")
-    except Exception:  # RuntimeError once TF has initialised its devices; harmless on CPU
-        pass
-    return keras, tf, None
-
-
-def build_keras_model(keras, conv_features):
-    """The notebook's model, compiled as the notebook compiles it."""
-    layers = keras.layers
-    stack = [keras.Input((28, 28, 1))]
-    for features in conv_features:
-        stack += [layers.Conv2D(features, 3, activation="relu"), layers.MaxPooling2D(2)]
-    stack += [layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dropout(0.5),
-              layers.Dense(10, activation="softmax")]
-    model = keras.Sequential(stack)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
 def keras_arrays(dataset: data_lib.Dataset):
-    """float32 images in [0, 1] as the notebook feeds them; int32 labels."""
-    def convert(split):
-        return split.images.astype(np.float32) / 255.0, split.labels
-    return convert(dataset.train), convert(dataset.test)
+    """The training and test splits as the notebook feeds them to Keras."""
+    return keras_reference.to_arrays(dataset.train), keras_reference.to_arrays(dataset.test)
 
 
-def time_keras_epoch(model, train, test, batch_size: int) -> dict:
-    """One `model.fit(..., epochs=1)` call, as the notebook's epoch (validation included)."""
+def time_keras_epoch(model, train, test, config: TrainConfig) -> dict:
+    """One Keras epoch (keras_reference.fit_epoch: one `model.fit(..., epochs=1)` call,
+    validation included), timed."""
     start = time.perf_counter()
-    history = model.fit(train[0], train[1], batch_size=batch_size, epochs=1,
-                        validation_data=test, verbose=0, shuffle=True)
-    seconds = time.perf_counter() - start
-    h = {k: float(v[-1]) for k, v in history.history.items()}
-    return {"seconds": seconds, "train_loss": h.get("loss"), "train_accuracy": h.get("accuracy"),
-            "val_loss": h.get("val_loss"), "val_accuracy": h.get("val_accuracy")}
+    metrics = keras_reference.fit_epoch(model, train, test, config)
+    return {"seconds": time.perf_counter() - start, **metrics}
 
 
 # ------------------------------------------------------------------ the alternating run
@@ -230,7 +211,7 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
     def timed_epoch(variant, contestant, phase, round_):
         mark = watch.snapshot()
         if contestant == "keras":
-            row = time_keras_epoch(keras_models[variant], k_train, k_test, args.batch_size)
+            row = time_keras_epoch(keras_models[variant], k_train, k_test, train_config(args))
             seeds = 1
         else:
             jr = jax_runs[variant, contestant]
@@ -247,11 +228,13 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
 
     for variant in args.variants:
         for name, (seeds, mode) in (jax_contestants.items() if "jax" in args.frameworks else ()):
-            jax_runs[variant, name] = build_jax_run(VARIANTS[variant], seeds, args, splits, mode)
+            jax_runs[variant, name] = build_jax_run(variant_config(variant, args), seeds, args,
+                                                    splits, mode)
             timed_epoch(variant, name, "warmup", 0)
         if keras is not None:
-            keras.utils.set_random_seed(SEED)
-            keras_models[variant] = build_keras_model(keras, VARIANTS[variant])
+            keras_reference.seed_everything(train_config(args), keras)
+            keras_models[variant] = keras_reference.build_model(
+                variant_config(variant, args), train_config(args), keras)
             timed_epoch(variant, "keras", "warmup", 0)
 
     for round_ in range(1, args.epochs + 1):
@@ -285,7 +268,7 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
         }
         if contestant == "keras":
             stats.update(num_params=keras_model.count_params(),
-                         jit_compile=_keras_jit_compile(keras_model))
+                         jit_compile=keras_reference.jit_compile(keras_model))
         else:
             jr = jax_runs[variant, contestant]
             peaks = [r["device_peak_mb"] for r in rows if r["device_peak_mb"] is not None]
@@ -313,13 +296,6 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
                 out[contestant]["ratio_over_jax"] = (out[contestant]["median_s"]
                                                      / out["jax"]["median_s"])
     return out
-
-
-def _keras_jit_compile(model):
-    try:
-        return bool(model.jit_compile)
-    except Exception:
-        return None
 
 
 # --------------------------------------------------------------------- info and output
@@ -487,7 +463,7 @@ def main(argv=None) -> int:
     def body():
         keras, tf, keras_unavailable = None, None, None
         if "keras" in args.frameworks:
-            keras, tf, keras_unavailable = import_keras()
+            keras, tf, keras_unavailable = keras_reference.import_keras()
             if keras is None:
                 progress(f"keras unavailable ({keras_unavailable}): timing JAX only")
                 args.frameworks = tuple(f for f in args.frameworks if f != "keras")
@@ -516,7 +492,8 @@ def main(argv=None) -> int:
             "versions": versions(),
             "settings": {"data": data_desc, "batch_size": args.batch_size,
                          "eval_batch_size_jax": EVAL_BATCH_SIZE,
-                         "eval_batch_size_keras": args.batch_size,  # fit()'s default
+                         "eval_batch_size_keras":  # Keras fit()'s default
+                             keras_reference.validation_batch_size(train_config(args)),
                          "epochs": args.epochs, "warmup_epochs": 1, "seed": SEED,
                          "engine": args.engine, "layout": args.layout,
                          "seeds": list(args.seeds), "progress": args.progress,

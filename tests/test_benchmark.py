@@ -1,0 +1,100 @@
+"""benchmarks/: the epoch-speed command in --tiny mode, and the Keras reference model it
+times against, built from the project's configs (Keras 3 on JAX here, as conftest sets)."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import epoch_speed, keras_reference
+from mnist_jax import data
+from mnist_jax.config import ModelConfig, TrainConfig
+from mnist_jax.model import count_params
+from mnist_jax.steps import PIXEL_SCALE
+from mnist_jax.train import init_state
+
+from conftest import REPO
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_benchmark_runs_in_tiny_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("-m", "benchmarks.epoch_speed", "--tiny", "--frameworks", "jax",
+                "--variants", "2conv", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())["results"]["2conv"]["jax"]
+    assert result["num_params"] == 113_386  # the notebook's 2-conv model (Keras' count)
+    assert result["timed_backend_compiles"] == 0  # the timed epochs compiled nothing
+    assert result["timed_epochs"] >= 1 and "compile_s" in result
+
+
+@pytest.mark.parametrize("variant, expected", [("2conv", 113_386), ("3conv", 37_674)])
+def test_keras_reference_has_the_notebooks_parameter_counts(variant, expected):
+    """The benchmark's variants, otherwise the default ModelConfig, counted by Keras."""
+    model = keras_reference.build_model(epoch_speed.VARIANTS[variant], TrainConfig())
+    assert model.count_params() == expected
+
+
+@pytest.mark.parametrize("model_config", [
+    ModelConfig(conv_features=(8, 16), dense_features=(64,), dropout_rate=0.3),
+    ModelConfig(conv_features=(4, 6), kernel_size=5, pool_size=3, dense_features=(24, 12),
+                dropout_rate=0.2, num_classes=5, image_shape=(30, 30, 3)),
+], ids=["conv8-16-dense64", "every-field"])
+def test_keras_reference_follows_the_model_config(model_config):
+    """A non-default ModelConfig gives the Keras model of the project's Flax model: the same
+    parameter count and the same weight shapes, and its dropout rate."""
+    train_config = TrainConfig(learning_rate=3e-4)
+    model = keras_reference.build_model(model_config, train_config)
+    # The project's initial train state, by shape only (jax.eval_shape: no XLA compiles).
+    state = jax.eval_shape(lambda: init_state(model_config, train_config)[1])
+    assert model.count_params() == count_params(state.params)
+    keras_shapes = sorted(tuple(w.shape) for w in model.weights)
+    assert keras_shapes == sorted(tuple(p.shape) for p in jax.tree.leaves(state.params))
+    assert tuple(model.input_shape[1:]) == model_config.image_shape
+    assert tuple(model.output_shape[1:]) == (model_config.num_classes,)
+    assert [layer.rate for layer in model.layers if hasattr(layer, "rate")] == (
+        [model_config.dropout_rate] * len(model_config.dense_features))
+    # The optimizer: TrainConfig's learning rate, Keras' epsilon (the project's steps.adam).
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(3e-4)
+    assert model.optimizer.epsilon == 1e-7
+
+
+def test_keras_reference_scales_pixels_as_the_project():
+    images = np.array([0, 51, 255], np.uint8).reshape(3, 1, 1, 1)
+    x, y = keras_reference.to_arrays((images, np.arange(3, dtype=np.int32)))
+    assert x.dtype == np.float32 and np.array_equal(y, [0, 1, 2])
+    np.testing.assert_array_equal(x.ravel(), np.array([0, 51, 255], np.float32) / PIXEL_SCALE)
+    assert x.max() == 1.0
+
+
+def test_benchmark_times_the_keras_reference():
+    """The benchmark's Keras side end to end on a few synthetic images, in this process
+    (Keras on JAX: TensorFlow, the command's own backend, is not a test dependency)."""
+    import keras
+
+    args = epoch_speed.parse_args(["--tiny", "--frameworks", "keras", "--variants", "2conv",
+                                   "--epochs", "1", "--batch-size", "16"])
+    dataset = data.synthetic(num_train=64, num_test=32)
+    summary, epochs = epoch_speed.run_benchmark(args, dataset, keras)
+    result = summary["2conv"]["keras"]
+    assert result["num_params"] == 113_386 and result["timed_epochs"] == 1
+    assert [(r["phase"], r["framework"]) for r in epochs] == [("warmup", "keras"),
+                                                              ("timed", "keras")]
+    for row in epochs:
+        assert row["seconds"] > 0 and all(np.isfinite(row[k]) for k in (
+            "train_loss", "train_accuracy", "val_loss", "val_accuracy"))
+    assert keras_reference.validation_batch_size(epoch_speed.train_config(args)) == 16
+
+
+def test_keras_reference_imports_keras_only_when_used():
+    code = ("import sys, benchmarks.keras_reference, benchmarks.epoch_speed; "
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
+    proc = _run("-c", code)
+    assert proc.returncode == 0, proc.stderr

@@ -200,6 +200,14 @@ def write(name, content: bytes):
     return lambda run: (run / name).write_bytes(content)
 
 
+def summary_json_a_folder(run: Path) -> None:
+    """{study}/summary.json (beside `run`) replaced by a folder holding a file."""
+    summary = run.parent / report.SUMMARY_JSON
+    summary.unlink()
+    summary.mkdir()
+    (summary / "notes.txt").write_text("an earlier note\n")
+
+
 # ---- the table ----
 
 def train_flag(id, args, expect, module=STUDY):
@@ -358,6 +366,10 @@ REPORT_CASES = [
            npz_changed(records.PREDICTIONS_FILE, forget_first_wrong),
            "wrong_indices lacks a misclassified test image (index "),
       ]],
+    # The write error names summary.json, not the temporary file renamed onto it.
+    Case("report-summary-json-is-a-folder", REPORT, ("{study}",),
+         f"error: {os.strerror(errno.EISDIR)} ({{study}}/{report.SUMMARY_JSON})",
+         in_study(summary_json_a_folder), keep="{study}", study=True),
 ]
 
 DOWNLOAD_CASES = [

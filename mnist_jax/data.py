@@ -79,7 +79,7 @@ def stratified_holdout(labels: np.ndarray, size: int, seed: int = HOLDOUT_SEED
     (largest remainders round the quotas to exactly `size`), drawn with `seed`."""
     n = len(labels)
     if not 0 < size < n:
-        raise DataError(f"a holdout of {size:,} (--holdout-size) must leave training images: "
+        raise DataError(f"a holdout of {size:,} (the holdout size) must leave training images: "
                         f"use 1 to {n - 1:,} of the {n:,}")
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * size / n

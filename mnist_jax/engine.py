@@ -318,8 +318,8 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     if layout in ("vmap", "map"):
         if engine != "scan":
             raise ConfigError(f"the {layout} layout needs the scan engine, not the loop engine "
-                              f"(which --engine auto picks for --conv-impl xla on CPU): use "
-                              f"--layout sequential or --engine scan")
+                              f"(which engine 'auto' picks for XLA's convolution on CPU): use "
+                              f"layout 'sequential' or engine 'scan'")
         chunk = run_steps(train_step)
         if layout == "vmap":
             def masked_chunk(state, totals, split, order, mask, start, stop, active):

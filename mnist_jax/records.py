@@ -67,7 +67,7 @@ class RunDir:
                 (self.path / LOCK_FILE).unlink(missing_ok=True)
             self.close()
             raise UserError(f"{what} {self.path} already holds files (nothing was "
-                            f"overwritten): choose a new folder, or --resume to continue it")
+                            f"overwritten): choose a new folder, or resume the run in it")
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 

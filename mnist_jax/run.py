@@ -137,7 +137,8 @@ def new_state(module: nn.Module, tx, seed: int, image_shape) -> steps.TrainState
                                     jax.random.fold_in(root, RUN_STREAM))
 
 
-def init_states(model, train_config: TrainConfig, tx=None, image_shape=None):
+def init_states(model, train_config: TrainConfig, tx=None, image_shape=None
+                ) -> tuple[nn.Module, steps.TrainState]:
     """The training module and every seed's initial state, stacked on a leading seed axis
     [K, ...]. `model`: a ModelConfig or a Flax module."""
     module, _ = formulations(model)
@@ -147,7 +148,8 @@ def init_states(model, train_config: TrainConfig, tx=None, image_shape=None):
                                        for seed in train_config.seed_values])
 
 
-def init_state(model, train_config: TrainConfig, tx=None, seed=None, image_shape=None):
+def init_state(model, train_config: TrainConfig, tx=None, seed=None, image_shape=None
+               ) -> tuple[nn.Module, steps.TrainState]:
     """The training module and one seed's initial train state (default seed:
     train_config.seed), exactly seed i's slice of init_states."""
     one = dataclasses.replace(train_config, seeds=1,

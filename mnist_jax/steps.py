@@ -49,7 +49,7 @@ def stream_id(name: str) -> int:
     return STREAMS.get(name, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def stream_key(rng, name: str, counter):
+def stream_key(rng, name: str, counter) -> jax.Array:
     """The key of stream `name` at `counter` (a step or an epoch), from the run's `rng`."""
     return jax.random.fold_in(jax.random.fold_in(rng, stream_id(name)), counter)
 
@@ -64,7 +64,7 @@ class TrainState(train_state.TrainState):
     model_state: dict = struct.field(default_factory=dict)
 
 
-def step_key(state: TrainState, name: str = "dropout"):
+def step_key(state: TrainState, name: str = "dropout") -> jax.Array:
     """The key of stream `name` for the state's current step."""
     return stream_key(state.rng, name, state.step)
 
@@ -101,7 +101,7 @@ def adam(learning_rate: float = KERAS_ADAM["learning_rate"], b1: float = KERAS_A
                                                 eps=eps)
 
 
-def cross_entropy(logits, labels, params=None):
+def cross_entropy(logits, labels, params=None) -> jax.Array:
     """Softmax cross-entropy on integer labels, per example: [B]. (`params` unused.)"""
     del params
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)

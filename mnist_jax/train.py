@@ -39,7 +39,8 @@ from mnist_jax.recorder import (LATEST_DIR, Recorder, finished_with_settings,
 from mnist_jax.resources import ResourceSampler
 
 def run_epoch(epochs: engine.Epochs, states, train_split: engine.Split,
-              val_split: engine.Split, active: list[bool], on_chunk=None):
+              val_split: engine.Split, active: list[bool], on_chunk=None
+              ) -> tuple[steps.TrainState, dict, dict]:
     """One epoch as fit() runs it (the benchmark times this same function): train the
     active seeds, validate, and fetch both sets of totals in the epoch's one host sync
     (besides waiting for each chunk when `on_chunk` reports progress).

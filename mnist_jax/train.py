@@ -120,7 +120,6 @@ def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Split
     try:
         with interrupts.deferred():  # a signal waits for the next check(): never mid-JAX
             run = build_run(model, cfg, parts, image_shape=splits.train.images.shape[1:])
-            num_params = run.num_params
             seeds = [SeedResult(seed, EarlyStopping(mode=cfg.resolved_mode, patience=cfg.patience,
                                                     min_delta=cfg.min_delta))
                      for seed in cfg.seed_values]
@@ -132,7 +131,7 @@ def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Split
                     model, cfg, parts, splits.train.images.shape[1:]), splits)
                 done, states, best, history = resume_run(recorder, seeds, states, best, cfg.monitor)
             recorder.write_config(run_description(run, cfg, name, splits))
-            log(describe_start(name, run, cfg, num_params, splits)
+            log(describe_start(name, run, cfg, splits)
                 + (f"; resuming after epoch {done}" if done else ""))
             train_split, val_split = engine.to_device(*splits.train), engine.to_device(*splits.val)
             sampler = ResourceSampler(cfg.resource_interval_s)
@@ -165,20 +164,14 @@ def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Split
             bars.close()
             final = best if cfg.restore_best_weights else states
             evaluate_test(run, final, splits, seeds, recorder)
-            recorder.write_result({
-                "name": name,
-                "monitor": cfg.monitor,
-                "validation": splits.validation,
-                "restored_best_weights": cfg.restore_best_weights,
-                "seeds": [seed_record(s) for s in seeds],
-            })
+            recorder.write_result(result_record(name, cfg, splits, seeds))
         finished = True
     finally:
         for part in (bars, sampler):
             if part is not None:
                 part.close()
         recorder.close(failed=not finished)
-    return FitResult(final, history, seeds, num_params)
+    return FitResult(final, history, seeds, run.num_params)
 
 
 def keep_best(epochs: engine.Epochs, recorder: Recorder, seeds: list[SeedResult],
@@ -292,6 +285,13 @@ def evaluate_test(run: Run, final, splits: Splits, seeds: list[SeedResult],
     recorder.write_predictions(splits.test.labels, np.asarray(predictions), splits.test.images)
 
 
+def result_record(name: str, cfg: TrainConfig, splits: Splits, seeds: list[SeedResult]) -> dict:
+    """What result.json records: the protocol and each seed's outcome."""
+    return {"name": name, "monitor": cfg.monitor, "validation": splits.validation,
+            "restored_best_weights": cfg.restore_best_weights,
+            "seeds": [seed_record(s) for s in seeds]}
+
+
 def seed_record(seed: SeedResult) -> dict:
     es = seed.early_stopping
     return {
@@ -307,10 +307,9 @@ def seed_record(seed: SeedResult) -> dict:
     }
 
 
-def describe_start(name: str, run: Run, cfg: TrainConfig, num_params: int,
-                   splits: Splits) -> str:
+def describe_start(name: str, run: Run, cfg: TrainConfig, splits: Splits) -> str:
     seeds = cfg.seed_values
-    return (f"[{name}] {describe_model(run)}, {num_params:,} parameters, "
+    return (f"[{name}] {describe_model(run)}, {run.num_params:,} parameters, "
             f"{len(seeds)} seed(s) {seeds[0]}..{seeds[-1]} ({run.epochs.layout}), engine "
             f"{run.epochs.engine}, {len(splits.train.labels):,} train / "
             f"{len(splits.val.labels):,} val ({splits.validation}) / "

@@ -1,4 +1,5 @@
-"""Statistics over seeds, with scipy: intervals, Welch's t-test, effect size, power.
+"""Statistics over seeds, with scipy: intervals, Welch's t-test, effect size, power, and
+Holm's correction for several comparisons.
 
 Pure functions of lists of floats (no JAX), so the report computes them from a run's files.
 Accuracies are fractions here; the report prints them in percentage points.
@@ -104,3 +105,19 @@ def seeds_needed(difference: float, sd: float, alpha: float = ALPHA, power: floa
         if n > most:
             return None
     return n
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values (family-wise error rate), in their given
+    order: the i-th smallest p becomes max over j <= i of min(1, (m - j + 1) * p_(j)), so
+    an adjusted p below alpha rejects exactly where Holm's procedure at level alpha does."""
+    p = [float(v) for v in p_values]
+    if any(not 0 <= v <= 1 for v in p):  # NaN included
+        raise ValueError(f"p-values must lie in [0, 1], got {p}")
+    m = len(p)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted

@@ -9,7 +9,8 @@ the best weights restored; --seeds 3 seeds each (seed --seed + i), selecting epo
 fixed stratified 5,000-image holdout of the training set and reporting the test set once per
 seed (--validation test: the notebook's protocol). Writes into --out (default
 runs/depth_study/<date-time>) a folder per model and summary.json, summary.md (with the
-comparison's sentence), curves.png, confusion.png, misclassified.png and resources.png.
+comparison's sentence, beside the notebook's single Keras runs), curves.png, confusion.png,
+misclassified.png and resources.png; study.json says what the study is (mnist_jax/study.py).
 Ctrl-C or SIGTERM stops it cleanly (exit 130 or 143) with every finished epoch saved; the
 same command with `--resume --out DIR` continues it, to the same result.
 
@@ -24,10 +25,8 @@ from __future__ import annotations
 
 import sys
 
-from mnist_jax import cli, report
+from mnist_jax import study
 from mnist_jax.config import ModelConfig
-from mnist_jax.recorder import finished_with_settings
-from mnist_jax.train import fit
 
 VARIANTS = {
     "2conv": ModelConfig(conv_features=(32, 32)),
@@ -35,41 +34,12 @@ VARIANTS = {
 }
 
 
-def study(args, train_config, out) -> None:
-    """Train every variant into `out/<name>` (with --resume: keep the finished ones and
-    continue the others), then write the comparison."""
-    splits = cli.load_splits(args)
-    diverged = []
-    for name, model_config in VARIANTS.items():
-        model_config = cli.model_config(args, model_config)
-        if args.resume and finished_with_settings(out / name, model_config, train_config,
-                                                  splits):
-            cli.log(f"[{name}] finished in an earlier run: kept")
-            diverged.append((name, report.diverged_seeds(out / name)))
-            continue
-        result = fit(model_config, train_config, splits, out / name,
-                     name=name, resume=args.resume)
-        diverged.append((name, result.diverged))
-    summary = report.write_study_report(out, [out / name for name in VARIANTS])
-    print(report.format_text(summary))
-    print(f"wrote {out}")
-    cli.check_finite(diverged)
-
-
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m experiments.depth_study",
+    return study.main(
+        VARIANTS, prog="python -m experiments.depth_study",
         description="Train the 2-conv and 3-conv CNNs on MNIST with the notebook's protocol "
-                    "and write their comparison (summary.json, summary.md, curves.png).")
-    cli.add_training_args(parser, default_out="runs/depth_study")
-    args = parser.parse_args(argv)
-
-    def run():
-        train_config = cli.train_config(args)
-        with cli.claimed_out(args, lambda out: [out / name for name in VARIANTS]) as claim:
-            study(args, train_config, claim.path)
-
-    return cli.run_main(run, debug=args.debug)
+                    "and write their comparison (summary.json, summary.md, curves.png).",
+        title="MNIST: does a third convolution help?", notebook=True, argv=argv)
 
 
 if __name__ == "__main__":

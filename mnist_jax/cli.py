@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from mnist_jax import data as data_lib
-from mnist_jax import interrupts, records
+from mnist_jax import interrupts, records, study_files
 from mnist_jax.config import CONV_IMPLS, ENGINES, LAYOUTS, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import TrainingDiverged, UserError
 
@@ -203,14 +203,12 @@ def claimed_out(args, run_dirs: Callable[[Path], list[Path]]):
     """claim_out for the body of a training command, yielding the claimed RunDir. On an
     interrupt, the summary says how far `run_dirs(out)` got and the log says how to
     resume, before the interrupt goes on to run_main."""
-    from mnist_jax import report  # report imports this module
-
     claim = claim_out(args)
     with claim as out:
         try:
             yield claim
         except interrupts.Interrupted:
-            report.write_interrupted_summary(out, run_dirs(out))
+            study_files.write_interrupted_summary(out, run_dirs(out))
             log(f"resume with: {resume_command(args, out)}")
             raise
 

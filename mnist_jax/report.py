@@ -4,9 +4,13 @@ code or JAX, so a report can be redrawn without retraining:
 
     python -m mnist_jax.report runs/depth_study/<date-time>
 
-The first run is the reference; every other run is compared with it over seeds: on test
-accuracy of the restored weights under the holdout protocol, on best validation accuracy
-under the notebook's protocol (where test accuracy is the same selected number).
+The study folder's study.json (study_files.py) says what the study is: its title, its runs
+in order, the reference, and whether each run is compared with the reference or every pair
+is compared; never the folder names. A folder without one (a single run, an older study)
+takes its runs in name order, the first as the reference. Runs are compared over seeds: on
+test accuracy of the restored weights under the holdout protocol, on best validation
+accuracy under the notebook's protocol (where test accuracy is the same selected number).
+With several comparisons, Welch's p-values are corrected by Holm's method.
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ import numpy as np
 from mnist_jax import cli, plots, records, stats
 from mnist_jax.config import ModelConfig
 from mnist_jax.errors import ConfigError, UserError
+from mnist_jax.study_files import SUMMARY_JSON, SUMMARY_MD, StudySpec, fallback_spec, read_spec
 
-# The Keras notebook's single run, quoted for comparison (not measured here).
+# The Keras notebook's single run, quoted for comparison (not measured here) in a study
+# whose study.json says so (the depth study).
 NOTEBOOK = {
     (32, 32): {"best_val_accuracy": 0.9930, "best_epoch": 16, "stopped_epoch": None},
     (32, 32, 64): {"best_val_accuracy": 0.9894, "best_epoch": 11, "stopped_epoch": 16},
 }
 NOTEBOOK_EPOCH_S = 11.6  # on a 16 GB GPU
 
-SUMMARY_JSON = "summary.json"
-SUMMARY_MD = "summary.md"
 FIGURES = {"curves": "curves.png", "confusion": "confusion.png",
            "misclassified": "misclassified.png", "resources": "resources.png"}
 RESOURCES = ("cpu_percent", "process_cpu_percent", "rss_mb", "ram_used_mb",
@@ -227,30 +231,68 @@ def sentence(cmp: dict, a: dict, b: dict) -> str:
     if not np.isfinite(p):
         return (f"Over {seeds}, {b['name']}'s {words} is {abs(diff):.2f} points {direction} "
                 f"than {a['name']}'s, with no spread between seeds: no test is possible.")
-    if lo > 0:
+    holm = cmp.get("holm")
+    # One comparison: its interval decides. Several: Holm's adjusted p (the unadjusted
+    # interval excludes zero wherever the adjusted p is below the level, not conversely).
+    claim = (lo > 0 or hi < 0) if holm is None else holm["p_value"] < stats.ALPHA
+    if claim and lo > 0:
         verdict = f"{b['name']} does better than {a['name']} here"
-    elif hi < 0:
+    elif claim and hi < 0:
         verdict = f"{b['name']} does worse than {a['name']} here"
     else:
         mdd = cmp.get("min_detectable_difference")
-        verdict = ("no difference can be claimed" + (
+        verdict = ("no difference can be claimed"
+                   + (" after the correction" if lo > 0 or hi < 0 else "") + (
             f" (these seeds detect about {100 * mdd:.2f} points or more)" if mdd else ""))
+    corrected = ("" if holm is None else
+                 f"; Holm-corrected for {_comparisons(holm['comparisons'])}, "
+                 f"p = {holm['p_value']:.2g}")
     return (f"Over {seeds}, {b['name']}'s {words} is {abs(diff):.2f} points {direction} than "
-            f"{a['name']}'s (95% CI {lo:+.2f} to {hi:+.2f}; Welch's t-test p = {p:.2g}): "
-            f"{verdict}.")
+            f"{a['name']}'s (95% CI {lo:+.2f} to {hi:+.2f}; Welch's t-test p = {p:.2g}"
+            f"{corrected}): {verdict}.")
 
 
-def build_summary(runs: list[dict]) -> dict:
+def _comparisons(n: int) -> str:
+    return f"{n} comparison{'' if n == 1 else 's'}"
+
+
+def compare_study(variants: list[dict], spec: StudySpec) -> list[dict]:
+    """The comparisons `spec` names between summarized variants (matched by their folder,
+    `run_dir`), in its order. With more than one, the Welch p-values (of the comparisons
+    that have one) are Holm-corrected and each sentence says so."""
+    by_folder = {v["run_dir"]: v for v in variants}
+    pairs = [(by_folder[a], by_folder[b]) for a, b in spec.pairs()]
+    comparisons = [compare(a, b) for a, b in pairs]
+    tested = [(c, a, b) for c, (a, b) in zip(comparisons, pairs)
+              if c["welch"] is not None and math.isfinite(c["welch"]["p_value"])]
+    if len(comparisons) > 1 and tested:
+        adjusted = stats.holm([c["welch"]["p_value"] for c, _, _ in tested])
+        for (c, a, b), p in zip(tested, adjusted):
+            c["holm"] = {"p_value": p, "comparisons": len(tested)}
+            c["sentence"] = sentence(c, a, b)
+    return comparisons
+
+
+def build_summary(runs: list[dict], spec: StudySpec | None = None) -> dict:
+    """The study's summary: per run, then the comparisons `spec` names (runs are matched to
+    its variants by folder name, in its order); without a spec, the runs in the order given,
+    each compared with the first."""
     variants = [summarize_run(run) for run in runs]
+    folders = [v["run_dir"] for v in variants]
+    if spec is None:
+        spec = fallback_spec(folders)
+    elif folders != list(spec.variants):
+        raise UserError(f"the runs {folders} are not the study's variants "
+                        f"{list(spec.variants)}")
     protocols = {v["validation"] for v in variants}
     if len(protocols) > 1:
         raise UserError(f"the runs mix validation protocols {sorted(protocols)}: "
                         f"they cannot be compared")
     validation = protocols.pop()
-    comparisons = [compare(variants[0], v) for v in variants[1:]]
-    return {"validation": validation, "protocol": PROTOCOLS[validation],
-            "variants": variants, "comparisons": comparisons,
-            "sentence": " ".join(c["sentence"] for c in comparisons)}
+    comparisons = compare_study(variants, spec)
+    return {"study": spec.to_dict(), "validation": validation,
+            "protocol": PROTOCOLS[validation], "variants": variants,
+            "comparisons": comparisons, "sentence": " ".join(c["sentence"] for c in comparisons)}
 
 
 def _pct(d: dict) -> str:
@@ -266,8 +308,8 @@ def _num(d: dict) -> str:
 
 
 def format_table(summary: dict) -> str:
-    """Per variant: accuracies over seeds (mean ± sd [95% CI]), epochs and cost, beside
-    the notebook's single run."""
+    """Per variant: accuracies over seeds (mean ± sd [95% CI]), epochs and cost; in the
+    depth study (its study.json says so), beside the notebook's single run."""
     lines = [
         "| model | params | MFLOP/image | seeds | test acc | best val acc | best epoch | "
         "epochs run | s/epoch | CPU % | RSS MB peak | GPU % | VRAM MB peak |",
@@ -284,8 +326,9 @@ def format_table(summary: dict) -> str:
             f"{_pct(v['test_accuracy'])} | {_pct(v['best_val_accuracy'])} | "
             f"{_num(v['best_epoch'])} | {_num(v['epochs_run'])} | {v['mean_epoch_s']:.1f} | "
             f"{v['cpu_percent_mean']:.0f} | {v['rss_mb_peak']:,.0f} | {gpu} | {vram} |")
-    for v in summary["variants"]:
-        ref = NOTEBOOK.get(tuple(v["conv_features"]))
+    notebook = (summary.get("study") or {}).get("notebook", False)
+    for v in summary["variants"] if notebook else []:
+        ref = NOTEBOOK.get(tuple(v["conv_features"] or ()))
         if ref is not None:
             lines.append(
                 f"| notebook {v['name']} (Keras, 1 run, selected on test) | {v['num_params']:,} | "
@@ -324,11 +367,15 @@ def format_statistics(summary: dict) -> str:
                          f"no interval and no test.")
             continue
         d = f"{w['cohens_d']:.2f}" if w["cohens_d"] is not None else "n/a"
+        holm = c.get("holm")
+        corrected = ("" if holm is None else
+                     f", Holm-adjusted p = {holm['p_value']:.2g} "
+                     f"({_comparisons(holm['comparisons'])})")
         lines.append(
             f"- {c['variant']} - {c['reference']} ({METRIC_WORDS[c['metric']]}): "
             f"{100 * w['difference']:+.2f} points, 95% CI {100 * w['ci_low']:+.2f} to "
             f"{100 * w['ci_high']:+.2f}; {w['test']}: t = {w['t']:.2f}, df = {w['df']:.1f}, "
-            f"p = {w['p_value']:.2g}; Cohen's d = {d} (average-variance sd).")
+            f"p = {w['p_value']:.2g}{corrected}; Cohen's d = {d} (average-variance sd).")
         if c.get("min_detectable_difference"):
             half = c["seeds_for_half_that"]
             lines.append(
@@ -345,19 +392,23 @@ def format_text(summary: dict) -> str:
     return "\n".join([format_table(summary), "", summary["sentence"]])
 
 
-def write_study_report(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
-    """summary.json, summary.md and the figures in `out_dir`, for the given runs."""
+def write_study_report(out_dir: str | Path, run_dirs: list[str | Path] | None = None) -> dict:
+    """summary.json, summary.md and the figures in `out_dir`. The title, the order, the
+    reference and the comparisons are the study's (`out_dir`/study.json); without one, the
+    runs `run_dirs` in the order given, the first the reference. `run_dirs` defaults to
+    study_runs(out_dir)."""
     out_dir = Path(out_dir)
-    runs = [read_run(d) for d in run_dirs]
-    summary = build_summary(runs)
+    spec = read_spec(out_dir)
+    runs = [read_run(d) for d in (study_runs(out_dir) if run_dirs is None else run_dirs)]
+    summary = build_summary(runs, spec)
     try:
         text = [format_table(summary), format_seeds(summary), format_statistics(summary)]
     except (KeyError, TypeError, ValueError) as e:  # a history without resource columns
         raise UserError(f"{out_dir}: a run's summary lacks {e}") from None
     v0 = summary["variants"][0]
     md = [
-        "# MNIST: does a third convolution help?", "",
-        f"**{summary['sentence']}**", "",
+        f"# {summary['study']['title']}", "",
+        *([f"**{summary['sentence']}**", ""] if summary["sentence"] else []),
         f"Protocol: {summary['protocol']}. {v0['train_examples']:,} training, "
         f"{v0['val_examples']:,} validation and {v0['test_examples']:,} test images. "
         f"Measured on {v0['device']} (JAX backend {v0['backend']}, engine {v0['engine']}, "
@@ -382,48 +433,26 @@ def diverged_seeds(run_dir: str | Path) -> list[int]:
     return [s["seed"] for s in result["seeds"] if s.get("diverged_epoch") is not None]
 
 
-def write_interrupted_summary(out_dir: str | Path, run_dirs: list[str | Path]) -> dict:
-    """After an interrupt: summary.json and summary.md say the study is unfinished, and
-    how far each run got (its finished epochs, each seed's best so far)."""
-    runs = []
-    for run_dir in map(Path, run_dirs):
-        run = {"name": run_dir.name, "dir": str(run_dir)}
-        try:
-            if (run_dir / records.RESULT_FILE).is_file():
-                run["status"] = "finished"
-            elif (run_dir / records.HISTORY_FILE).is_file():
-                history = records.read_history(run_dir / records.HISTORY_FILE)
-                run["status"] = "interrupted"
-                run["seeds"] = [_seed_so_far(seed, [r for r in history if r["seed"] == seed])
-                                for seed in dict.fromkeys(r["seed"] for r in history)]
-            else:
-                run["status"] = "not started" if not run_dir.exists() else "no epoch finished"
-        except (ValueError, OSError, KeyError) as e:
-            run["status"] = f"unreadable ({type(e).__name__})"
-        runs.append(run)
-    summary = {"status": "interrupted", "runs": runs}
-    lines = ["# Interrupted", "", "The study did not finish; resume it with `--resume` and "
-             "the same flags. Finished epochs so far:", ""]
-    for run in runs:
-        lines.append(f"- {run['name']}: {run['status']}")
-        for seed in run.get("seeds", []):
-            lines.append(f"  - seed {seed['seed']}: {seed['epochs_finished']} epoch(s), best "
-                         f"val_accuracy so far {seed['best_val_accuracy']:.4f} "
-                         f"(epoch {seed['best_epoch']})")
-    records.write_json(Path(out_dir) / SUMMARY_JSON, summary)
-    records.atomic_write_text(Path(out_dir) / SUMMARY_MD, "\n".join(lines) + "\n")
-    return summary
-
-
-def _seed_so_far(seed: int, rows: list[dict]) -> dict:
-    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
-    return {"seed": seed, "epochs_finished": len(rows), "best_epoch": best["epoch"],
-            "best_val_accuracy": best["val_accuracy"]}
+def study_runs(study_dir: str | Path) -> list[Path]:
+    """The runs of a study folder: the variants its study.json names, in its order; without
+    one, find_runs', or the folder itself where it is a run. A UserError if there are none."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise UserError(f"{study_dir} is not a folder")
+    spec = read_spec(study_dir)
+    if spec is not None:
+        return [study_dir / name for name in spec.variants]
+    runs = find_runs(study_dir) or (
+        [study_dir] if any((study_dir / name).exists() for name in RUN_FILES) else [])
+    if not runs:
+        raise UserError(f"{study_dir} holds no run")
+    return runs
 
 
 def find_runs(study_dir: Path) -> list[Path]:
-    """The runs of a study folder: its subfolders holding any of a run's files (so a run
-    that lost its config.json is reported, not silently left out of the summary)."""
+    """The runs of a study folder without study.json, in name order: its subfolders
+    holding any of a run's files (so a run that lost its config.json is reported, not
+    silently left out of the summary)."""
     return sorted(p for p in study_dir.iterdir()
                   if p.is_dir() and any((p / name).exists() for name in RUN_FILES))
 
@@ -439,13 +468,7 @@ def main(argv=None) -> int:
     study_dir = Path(args.study_dir).expanduser()
 
     def run():
-        if not study_dir.is_dir():
-            raise UserError(f"{study_dir} is not a folder")
-        runs = find_runs(study_dir) or (
-            [study_dir] if any((study_dir / name).exists() for name in RUN_FILES) else [])
-        if not runs:
-            raise UserError(f"{study_dir} holds no run")
-        print(format_text(write_study_report(study_dir, runs)))
+        print(format_text(write_study_report(study_dir)))
 
     return cli.run_main(run, debug=args.debug)
 

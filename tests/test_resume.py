@@ -357,7 +357,7 @@ def test_a_diverging_seed_stops_alone_and_the_study_exits_non_zero(mnist_path, t
         import functools
         import jax, jax.numpy as jnp
         from mnist_jax import run, steps, train
-        from experiments import depth_study
+        from mnist_jax import study  # the study runner calls fit()
         target = jax.random.fold_in(jax.random.PRNGKey(1), run.RUN_STREAM)  # seed 1's rng
         def poisoned(state, batch):
             state_, metrics = steps.train_step(state, batch)
@@ -369,7 +369,7 @@ def test_a_diverging_seed_stops_alone_and_the_study_exits_non_zero(mnist_path, t
             if name == "2conv":
                 kwargs["train_step"] = poisoned
             return train.fit(*args, name=name, **kwargs)
-        depth_study.fit = fit
+        study.fit = fit
     """
     cmd = _driver(tmp_path, mnist_path, out, patch, module="experiments.depth_study")
     proc = _run(cmd)

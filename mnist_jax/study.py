@@ -23,13 +23,13 @@ from mnist_jax import cli, records, report
 from mnist_jax.config import ModelConfig, TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.recorder import finished_with_settings
-from mnist_jax.study_files import (STUDY_FILE, StudySpec, read_spec, spec_differences,
-                                   write_spec)
+from mnist_jax.study_files import (STUDY_FILE, StudySpec, fallback_spec, read_spec,
+                                   spec_differences, write_spec)
 from mnist_jax.train import fit
 
 
 def run_study(variants: Mapping[str, Any], args: argparse.Namespace, out: str | Path, *,
-              spec: StudySpec, train_config: TrainConfig | None = None) -> dict:
+              spec: StudySpec | None = None, train_config: TrainConfig | None = None) -> dict:
     """Train every variant into `out/<name>` and write the comparison; with `args.resume`,
     keep the finished variants and continue the others.
 
@@ -39,13 +39,15 @@ def run_study(variants: Mapping[str, Any], args: argparse.Namespace, out: str | 
       args: the parsed shared flags (cli.add_training_args).
       out: the study's folder, already claimed (cli.claimed_out).
       spec: what the study is (names as in `variants`), written first as study.json; on
-        --resume, a folder holding another study is refused.
+        --resume, a folder holding another study is refused. Default: the variants in
+        order, the first the reference, a title naming them (study_files.fallback_spec).
       train_config: default cli.train_config(args).
 
     Returns:
       The summary (report.build_summary). Raises TrainingDiverged, after everything is
       written, where a seed's loss became NaN or infinite.
     """
+    spec = fallback_spec(list(variants)) if spec is None else spec
     if list(variants) != list(spec.variants):
         raise ValueError(f"the variants {list(variants)} are not the study's "
                          f"{list(spec.variants)}")

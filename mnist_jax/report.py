@@ -155,10 +155,11 @@ def _summary(run: dict) -> dict:
     summary = {
         "name": result["name"],
         "run_dir": run["dir"].name,
-        "conv_features": config["model"]["conv_features"],
-        "num_params": config["num_params"],
-        # From the shapes, so every run's count is the same whatever its backend.
-        "forward_flops_per_image": ModelConfig.from_dict(config["model"]).forward_flops,
+        "model": config["model"]["class"].rsplit(".", 1)[-1],
+        # The CNN's conv blocks (None for another module): the notebook's rows match on them.
+        "conv_features": (config["model"]["fields"].get("config") or {}).get("conv_features"),
+        "num_params": config["model"]["num_params"],
+        "forward_flops_per_image": _flops(config["model"]),
         "validation": result["validation"],
         "monitor": result["monitor"],
         **{f"{k}": config["data"][k] for k in ("train_examples", "val_examples", "test_examples")},
@@ -191,6 +192,16 @@ def _summary(run: dict) -> dict:
     if totals:
         summary["vram_total_mb"] = max(totals)
     return summary
+
+
+def _flops(model: dict) -> int | None:
+    """Forward FLOPs per image: the CNN's from its shapes (the same on every backend),
+    another model's as recorded, None where unknown."""
+    config = model["fields"].get("config")
+    if model["class"] == "mnist_jax.model.CNN" and isinstance(config, dict):
+        return ModelConfig.from_dict(config).forward_flops
+    flops = model.get("forward_flops_per_image")
+    return flops if isinstance(flops, int) else None
 
 
 def compare(a: dict, b: dict) -> dict:

@@ -50,7 +50,7 @@ def test_fit_writes_the_run_and_restores_the_best_weights(splits, tmp_path):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
         np.testing.assert_array_equal(a, b)
     config = json.loads((tmp_path / "run" / records.CONFIG_FILE).read_text())
-    assert config["num_params"] == result.num_params and config["train"]["engine"] == "scan"
+    assert config["model"]["num_params"] == result.num_params and config["train"]["engine"] == "scan"
     assert config["data"] == {"validation": "test", "train_examples": 500,
                               "val_examples": 200, "test_examples": 200}
     assert sum("epoch" in line and "val_acc" in line for line in lines) == len(history)

@@ -134,6 +134,12 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
                         help="use only the first N training and N/6 validation and test images "
                              "(for quick checks; the study's numbers need the full sets)")
+    parser.add_argument("--devices", type=positive_int, default=None, metavar="N",
+                        help="devices to use (default: every local device of the backend); "
+                             "with more than one, seeds are spread over them")
+    parser.add_argument("--data-parallel", type=positive_int, default=d.data_parallel,
+                        metavar="D", help="split each batch over D of the devices (the mesh's "
+                                          "data axis; the seeds axis is the rest; default: 1)")
     add_debug_arg(parser)
 
 
@@ -161,7 +167,8 @@ def model_config(args, base: ModelConfig) -> ModelConfig:
 def train_config(args) -> TrainConfig:
     return TrainConfig(seed=args.seed, seeds=args.seeds, layout=args.layout, epochs=args.epochs,
                        batch_size=args.batch_size, patience=args.patience,
-                       learning_rate=args.learning_rate, engine=args.engine)
+                       learning_rate=args.learning_rate, engine=args.engine,
+                       devices=args.devices, data_parallel=args.data_parallel)
 
 
 def load_splits(args) -> data_lib.Splits:

@@ -115,6 +115,10 @@ class TrainConfig:
 
     `epoch_chunks`: each epoch runs as this many calls of one compiled program, so that a
     progress bar moves and an interrupt stops within a chunk; results do not depend on it.
+
+    `devices` and `data_parallel`: a mesh over `devices` devices (None: all local ones) with
+    a "data" axis of `data_parallel` (the batch split over it) and a "seeds" axis of the
+    rest (each device trains its own seeds); one device changes nothing (engine.Placement).
     """
 
     seed: int = 0
@@ -132,6 +136,8 @@ class TrainConfig:
     engine: str = "auto"
     resource_interval_s: float = 0.5
     epoch_chunks: int = 20
+    devices: int | None = None  # None: every local device of the backend
+    data_parallel: int = 1  # the size of the mesh's data axis; the seeds axis is the rest
 
     def __post_init__(self):
         _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
@@ -154,6 +160,14 @@ class TrainConfig:
         _require(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         _require(self.resource_interval_s > 0, "resource_interval_s must be positive")
         _require(self.epoch_chunks >= 1, f"epoch_chunks must be at least 1, got {self.epoch_chunks}")
+        _require(self.devices is None or self.devices >= 1,
+                 f"devices must be at least 1, got {self.devices}")
+        _require(self.data_parallel >= 1,
+                 f"data_parallel must be at least 1, got {self.data_parallel}")
+        _require(self.batch_size % self.data_parallel == 0,
+                 f"a batch of {self.batch_size} cannot be split evenly over a data axis of "
+                 f"{self.data_parallel} devices: choose a batch size that {self.data_parallel} "
+                 f"divides")
 
     @property
     def seed_values(self) -> tuple[int, ...]:

@@ -35,6 +35,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mnist_jax import steps
 from mnist_jax.errors import ConfigError
@@ -51,9 +53,95 @@ class Split(NamedTuple):
 
 
 def to_device(images: np.ndarray, labels: np.ndarray, device=None) -> Split:
-    """Put a split on the device once, as uint8 images and int32 labels."""
+    """Put a split on the device (or sharding) once, as uint8 images and int32 labels."""
     return Split(jax.device_put(np.asarray(images, np.uint8), device),
                  jax.device_put(np.asarray(labels, np.int32), device))
+
+
+SEEDS_AXIS, DATA_AXIS = "seeds", "data"
+
+
+class Placement(NamedTuple):
+    """Where a run's seeds and batches go. `mesh` None: one device, nothing sharded.
+    Otherwise a Mesh with a "seeds" axis (the state's leading seed axis is split over it:
+    each device trains its own seeds, no communication between them) and a "data" axis
+    (each batch split over it, parameters replicated, gradients summed by XLA). `padded`
+    seeds: the real ones plus inactive copies up to a multiple of the seeds axis."""
+
+    mesh: Mesh | None
+    seeds: int
+    padded: int
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh.shape[DATA_AXIS] if self.mesh is not None else 1
+
+    def describe(self) -> dict:
+        """What config.json records of the placement."""
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else jax.devices()[:1]
+        return {"devices": len(devices), "device_kind": str(devices[0].device_kind),
+                "processes": jax.process_count(),
+                "mesh": dict(self.mesh.shape) if self.mesh is not None else None,
+                "padded_seeds": self.padded - self.seeds}
+
+    def words(self) -> str:
+        """The placement in a few words, for the run's first line."""
+        if self.mesh is None:
+            return "1 device"
+        shape = self.mesh.shape
+        pad = f" ({self.padded - self.seeds} inactive padding)" if self.padded > self.seeds else ""
+        return (f"{self.mesh.devices.size} devices: seeds over {shape[SEEDS_AXIS]}{pad}, "
+                f"data over {shape[DATA_AXIS]}")
+
+    def states(self, states):
+        """States with a leading seed axis [K, ...], padded to `padded` with copies of the
+        first seed (never trained: inactive) and sharded over the seeds axis."""
+        if self.mesh is None:
+            return states
+        pad = self.padded - self.seeds
+        states = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)]),
+                              states)
+        return jax.device_put(states, NamedSharding(self.mesh, P(SEEDS_AXIS)))
+
+    def real(self, tree):
+        """The real seeds of a tree with a (padded) leading seed axis."""
+        if self.padded == self.seeds:
+            return tree
+        return jax.tree.map(lambda x: x[:self.seeds], tree)
+
+    def pad(self, flags) -> list[bool]:
+        """Per-seed flags for the padded seeds (False for the padding)."""
+        return [*map(bool, flags), *[False] * (self.padded - len(flags))]
+
+    def to_device(self, images: np.ndarray, labels: np.ndarray) -> "Split":
+        """A split on the device(s), replicated over the mesh."""
+        sharding = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+        return to_device(images, labels, sharding)
+
+    def constrain(self, batch: steps.Batch) -> steps.Batch:
+        """A batch split over the data axis (inside vmap over the seeds axis)."""
+        if self.data_parallel == 1:
+            return batch
+        return jax.lax.with_sharding_constraint(batch, NamedSharding(self.mesh, P(DATA_AXIS)))
+
+
+def make_placement(seeds: int, devices: int | None = None, data_parallel: int = 1
+                   ) -> Placement:
+    """The mesh for `seeds` seeds over `devices` local devices (None: all of them), with a
+    data axis of `data_parallel`. One device: no mesh, nothing changes."""
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if n > len(available):
+        raise ConfigError(f"{n} devices asked for, but the {jax.default_backend()} backend "
+                          f"has {len(available)}")
+    if n % data_parallel:
+        raise ConfigError(f"a data axis of {data_parallel} does not divide {n} devices")
+    if n == 1:
+        return Placement(None, seeds, seeds)
+    axes = (n // data_parallel, data_parallel)
+    mesh = jax.make_mesh(axes, (SEEDS_AXIS, DATA_AXIS), devices=available[:n],
+                         axis_types=(AxisType.Auto, AxisType.Auto))
+    return Placement(mesh, seeds, -(-seeds // axes[0]) * axes[0])
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -142,23 +230,25 @@ def per_seed_means(prefix: str, totals) -> list[dict[str, float]]:
             for i in range(k)]
 
 
-def run_steps(train_step: Callable = steps.train_step) -> Callable:
+def run_steps(train_step: Callable = steps.train_step, constrain: Callable = None) -> Callable:
     """The pure chunk of an epoch, `(state, totals, split, order, mask, start, stop) ->
     (state, totals)`: steps `start..stop-1` of the epoch whose `order` and `mask` are given.
-    A `lax.fori_loop`, so one compiled program runs chunks of any length (traced bounds)."""
+    A `lax.fori_loop`, so one compiled program runs chunks of any length (traced bounds).
+    `constrain` places each gathered batch (Placement.constrain: over the data axis)."""
+    constrain = constrain or (lambda batch: batch)
 
     def chunk(state, totals, split, order, mask, start, stop):
         def body(i, carry):
-            return _step(train_step, *carry, split, order, mask, i)
+            return _step(train_step, *carry, split, order, mask, i, constrain)
 
         return jax.lax.fori_loop(start, stop, body, (state, totals))
 
     return chunk
 
 
-def _step(train_step, state, totals, split, order, mask, i):
-    """Step i of the epoch: its batch, its dropout key, the update, the running totals."""
-    state, metrics = train_step(state, gather_batch(split, order[i], mask[i]))
+def _step(train_step, state, totals, split, order, mask, i, constrain=lambda batch: batch):
+    """Step i of the epoch: its batch, the update, the running totals."""
+    state, metrics = train_step(state, constrain(gather_batch(split, order[i], mask[i])))
     return state, _add(totals, metrics)
 
 
@@ -246,12 +336,14 @@ def make_train_epoch(batch_size: int, engine: str, train_step: Callable = steps.
     return train_epoch
 
 
-def _eval_batch(eval_step, batch_size, state, totals, split, start):
+def _eval_batch(eval_step, batch_size, state, totals, split, start,
+                constrain=lambda batch: batch):
     """Totals plus one batch from `start`, and the batch's predicted classes [B]."""
     n = split.labels.shape[0]
     idx = start + jnp.arange(batch_size)
     mask = (idx < n).astype(jnp.float32)
-    metrics, predictions = eval_step(state, gather_batch(split, jnp.minimum(idx, n - 1), mask))
+    batch = constrain(gather_batch(split, jnp.minimum(idx, n - 1), mask))
+    metrics, predictions = eval_step(state, batch)
     return _add(totals, metrics), predictions
 
 
@@ -294,11 +386,13 @@ class Epochs(NamedTuple):
     keep_best: Callable
     engine: str
     layout: str
+    placement: Placement
 
 
 def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: str,
                    train_step: Callable = steps.train_step,
-                   eval_step: Callable = steps.eval_step, chunks: int = 1) -> Epochs:
+                   eval_step: Callable = steps.eval_step, chunks: int = 1,
+                   placement: Placement | None = None) -> Epochs:
     """The one place where epochs meet jit, vmap and donation.
 
     "vmap": one program over the seed axis; a stopped seed's update is discarded with
@@ -306,9 +400,22 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     another (lax.map), a stopped seed skipped by lax.cond. "sequential": the one-seed
     programs, run seed after seed from Python; a stopped seed is skipped. Every layout
     runs an epoch as `chunks` calls of one compiled chunk program (progress, interrupts).
+
+    `placement` (make_placement): with a mesh, the vmap layout runs each device's seeds
+    (vmap's spmd_axis_name) and splits each batch over the data axis; states come padded
+    to the seeds axis (Placement.states), and `active`, `improved` and the evaluation's
+    results are per real seed.
     """
-    one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size)
-    keep = jax.jit(keep_best)
+    placement = placement or Placement(None, 0, 0)
+    if placement.mesh is not None and layout != "vmap":
+        raise ConfigError(f"the {layout} layout runs on one device: use layout 'vmap' to "
+                          f"spread seeds over {placement.mesh.devices.size} devices, or 1 device")
+    one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size,
+                                  constrain=placement.constrain)
+    keep_padded = jax.jit(keep_best)
+
+    def keep(best, states, improved):
+        return keep_padded(best, states, jnp.asarray(placement.pad(improved)))
     train_zeros = totals_maker(train_step, batch_size, 1)
     eval_zeros = totals_maker(eval_step, eval_batch_size, 0)
 
@@ -320,14 +427,16 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
             raise ConfigError(f"the {layout} layout needs the scan engine, not the loop engine "
                               f"(which engine 'auto' picks for XLA's convolution on CPU): use "
                               f"layout 'sequential' or engine 'scan'")
-        chunk = run_steps(train_step)
+        chunk = run_steps(train_step, placement.constrain)
+        spmd = SEEDS_AXIS if placement.mesh is not None else None
         if layout == "vmap":
             def masked_chunk(state, totals, split, order, mask, start, stop, active):
                 new, totals = chunk(state, totals, split, order, mask, start, stop)
                 return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), totals
 
-            train_chunk = jax.vmap(masked_chunk, in_axes=(0, 0, None, 0, 0, None, None, 0))
-            eval_batch = jax.vmap(one_batch, in_axes=(0, 0, None, None))
+            train_chunk = jax.vmap(masked_chunk, in_axes=(0, 0, None, 0, 0, None, None, 0),
+                                   spmd_axis_name=spmd)
+            eval_batch = jax.vmap(one_batch, in_axes=(0, 0, None, None), spmd_axis_name=spmd)
         else:  # "map": seeds one after another inside one program; lax.cond skips stopped ones
             def train_chunk(states, totals, split, orders, masks, start, stop, active):
                 def one(xs):
@@ -342,21 +451,25 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
 
         train_chunk = jax.jit(train_chunk, donate_argnums=0)
         orders = jax.jit(jax.vmap(epoch_order, in_axes=(0, None, None)), static_argnums=(1, 2))
-        evaluate = _evaluate_with(jax.jit(eval_batch), eval_batch_size,
-                                  functools.partial(seed_axis_zeros, eval_zeros))
+        evaluate_padded = _evaluate_with(jax.jit(eval_batch), eval_batch_size,
+                                         functools.partial(seed_axis_zeros, eval_zeros))
+
+        def evaluate(states, split):
+            return placement.real(evaluate_padded(states, split))
 
         def train(states, split, active, on_chunk=None):
             training = sum(map(bool, active))  # counted on the host: no device round trip
-            active = jnp.asarray(active)
+            active = jnp.asarray(placement.pad(active))
             order, mask = orders(states, split.size, batch_size)
             totals = seed_axis_zeros(train_zeros, states, split)
             call = lambda carry, start, stop: train_chunk(  # noqa: E731
                 *carry, split, order, mask, start, stop, active)
-            return _drive(call, (states, totals), chunk_bounds(order.shape[1], chunks),
-                          on_chunk, training)
+            states, totals = _drive(call, (states, totals), chunk_bounds(order.shape[1], chunks),
+                                    on_chunk, training)
+            return states, placement.real(totals)  # the states stay padded
 
         train.train_chunk = train_chunk  # exposed so tests can count traces
-        return Epochs(train, evaluate, keep, engine, layout)
+        return Epochs(train, evaluate, keep, engine, layout, placement)
 
     if layout == "sequential":
         train_one = make_train_epoch(batch_size, engine, train_step, chunks)
@@ -374,7 +487,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
             return stack_seeds([t for t, _ in results]), jnp.stack([p for _, p in results])
 
         train.train_one = train_one  # exposed so tests can count traces
-        return Epochs(train, evaluate, keep, engine, layout)
+        return Epochs(train, evaluate, keep, engine, layout, placement)
 
     raise ValueError(f"layout must be 'vmap', 'map' or 'sequential', got {layout!r}")
 
@@ -405,14 +518,16 @@ def _seed_axis(tree, k: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), tree)
 
 
-def resolve_layout(layout: str, engine: str, backend: str | None = None) -> str:
+def resolve_layout(layout: str, engine: str, backend: str | None = None,
+                   devices: int = 1) -> str:
     """ "auto": the seed layout measured faster for the backend (benchmarks/epoch_speed.py
     --seeds). XLA:CPU runs per-seed (batched) convolutions and matmuls under vmap 1.6-2.3x
-    slower than the same seeds one after another; the loop engine cannot be vmapped."""
+    slower than the same seeds one after another; the loop engine cannot be vmapped. On
+    several devices the seeds are spread over them, which needs vmap."""
     if layout != "auto":
         return layout
     backend = backend or jax.default_backend()
-    return "vmap" if backend != "cpu" and engine == "scan" else "sequential"
+    return "vmap" if (backend != "cpu" or devices > 1) and engine == "scan" else "sequential"
 
 
 def resolve_engine(engine: str, xla_conv: bool, backend: str | None = None) -> str:

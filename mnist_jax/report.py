@@ -179,6 +179,8 @@ def _summary(run: dict) -> dict:
                    if config["backend"] == "cpu" else config["devices"][0]),
         "engine": config["train"]["engine"],
         "layout": config["train"]["layout"],
+        # devices, their kind, processes and the mesh (runs before the mesh: one device)
+        "placement": config.get("placement") or {"devices": 1, "mesh": None},
     }
     mean_test = summary["test_accuracy"]["mean"]
     summary["test_accuracy_se_one_seed"] = stats.binomial_se(mean_test, n_test)
@@ -192,6 +194,14 @@ def _summary(run: dict) -> dict:
     if totals:
         summary["vram_total_mb"] = max(totals)
     return summary
+
+
+def _placement_words(placement: dict) -> str:
+    mesh = placement.get("mesh")
+    if not mesh:
+        return "1 device"
+    return (f"{placement['devices']} devices: seeds over {mesh['seeds']}, data over "
+            f"{mesh['data']}")
 
 
 def _flops(model: dict) -> int | None:
@@ -423,7 +433,7 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path] | None = 
         f"Protocol: {summary['protocol']}. {v0['train_examples']:,} training, "
         f"{v0['val_examples']:,} validation and {v0['test_examples']:,} test images. "
         f"Measured on {v0['device']} (JAX backend {v0['backend']}, engine {v0['engine']}, "
-        f"seeds {v0['layout']}). Accuracies: mean ± sd over seeds [95% t-interval]. "
+        f"seeds {v0['layout']}, {_placement_words(v0['placement'])}). Accuracies: mean ± sd over seeds [95% t-interval]. "
         f"s/epoch: all seeds of the epoch together, epoch 1 (with compilation) left out.", "",
         text[0], "", "## Every seed", "", text[1], "", "## Statistics", "", text[2], "",
         *[f"![{name}]({file})" for name, file in FIGURES.items()], "",

@@ -165,7 +165,7 @@ class Run:
 
     model: nn.Module  # the training formulation
     eval_model: nn.Module  # the same function and variables, formulated for evaluation
-    states: steps.TrainState  # every leaf has a leading seed axis [K, ...]
+    states: steps.TrainState  # every leaf has a leading seed axis [K, ...] (padded: engine.Placement)
     epochs: engine.Epochs
     parts: Parts
     num_params: int
@@ -183,15 +183,19 @@ def build_run(model, train_config: TrainConfig, parts: Parts | None = None, *,
                             shape)
     one = engine.seed_slice(states, 0)
     xla_conv = uses_xla_conv(one.apply_fn, {"params": one.params, **one.model_state}, shape)
+    placement = engine.make_placement(train_config.seeds, train_config.devices,
+                                      train_config.data_parallel)
     engine_name = engine.resolve_engine(train_config.engine, xla_conv)
-    layout = engine.resolve_layout(train_config.layout, engine_name)
+    layout = engine.resolve_layout(train_config.layout, engine_name,
+                                   devices=1 if placement.mesh is None else placement.mesh.size)
     epochs = engine.compile_epochs(train_config.batch_size, train_config.eval_batch_size,
                                    engine_name, layout, parts.training_step(),
-                                   parts.evaluation_step(eval_module), train_config.epoch_chunks)
+                                   parts.evaluation_step(eval_module), train_config.epoch_chunks,
+                                   placement)
     description = {"model": model_record(module, eval_module, one),
-                   **parts.describe(one.opt_state)}
-    return Run(module, eval_module, states, epochs, parts, count_params(one.params),
-               description)
+                   **parts.describe(one.opt_state), "placement": placement.describe()}
+    return Run(module, eval_module, placement.states(states), epochs, parts,
+               count_params(one.params), description)
 
 
 def model_record(module: nn.Module, eval_module: nn.Module, state) -> dict:

@@ -133,7 +133,8 @@ def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Split
             recorder.write_config(run_description(run, cfg, name, splits))
             log(describe_start(name, run, cfg, splits)
                 + (f"; resuming after epoch {done}" if done else ""))
-            train_split, val_split = engine.to_device(*splits.train), engine.to_device(*splits.val)
+            place = run.epochs.placement
+            train_split, val_split = place.to_device(*splits.train), place.to_device(*splits.val)
             sampler = ResourceSampler(cfg.resource_interval_s)
             log(f"[{name}] {sampler.gpu_note}")
             bars = Progress(name, cfg.epochs, done, progress)
@@ -171,7 +172,7 @@ def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Split
             if part is not None:
                 part.close()
         recorder.close(failed=not finished)
-    return FitResult(final, history, seeds, run.num_params)
+    return FitResult(run.epochs.placement.real(final), history, seeds, run.num_params)
 
 
 def keep_best(epochs: engine.Epochs, recorder: Recorder, seeds: list[SeedResult],
@@ -278,7 +279,7 @@ def log_stop(log, name: str, seed: SeedResult, epoch: int, monitor: str, several
 def evaluate_test(run: Run, final, splits: Splits, seeds: list[SeedResult],
                   recorder: Recorder) -> None:
     """Every seed's final (restored) weights on the test split, once."""
-    totals, predictions = run.epochs.evaluate(final, engine.to_device(*splits.test))
+    totals, predictions = run.epochs.evaluate(final, run.epochs.placement.to_device(*splits.test))
     totals, predictions = jax.device_get((totals, predictions))
     for seed, means in zip(seeds, engine.per_seed_means("test", totals)):
         seed.test = means
@@ -310,7 +311,8 @@ def seed_record(seed: SeedResult) -> dict:
 def describe_start(name: str, run: Run, cfg: TrainConfig, splits: Splits) -> str:
     seeds = cfg.seed_values
     return (f"[{name}] {describe_model(run)}, {run.num_params:,} parameters, "
-            f"{len(seeds)} seed(s) {seeds[0]}..{seeds[-1]} ({run.epochs.layout}), engine "
+            f"{len(seeds)} seed(s) {seeds[0]}..{seeds[-1]} ({run.epochs.layout}; "
+            f"{run.epochs.placement.words()}), engine "
             f"{run.epochs.engine}, {len(splits.train.labels):,} train / "
             f"{len(splits.val.labels):,} val ({splits.validation}) / "
             f"{len(splits.test.labels):,} test examples")

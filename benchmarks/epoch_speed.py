@@ -473,7 +473,7 @@ def main(argv=None) -> int:
             dataset = data_lib.synthetic(num_train=TINY_TRAIN, num_test=TINY_TEST)
             data_desc = f"synthetic {TINY_TRAIN} train / {TINY_TEST} test (--tiny)"
         else:
-            dataset = data_lib.load_mnist(args.data_dir)
+            dataset = data_lib.load_mnist(args.data_dir, name="--data-dir")
             data_desc = (f"MNIST {len(dataset.train.labels):,} train / "
                          f"{len(dataset.test.labels):,} test")
         suffix = "-tiny" if args.tiny else ""

@@ -173,7 +173,7 @@ def train_config(args) -> TrainConfig:
 
 def load_splits(args) -> data_lib.Splits:
     """MNIST, split under the --validation protocol (and cut to --train-limit)."""
-    return data_lib.make_splits(data_lib.load_mnist(args.data_dir), args.validation,
+    return data_lib.make_splits(data_lib.load_mnist(args.data_dir, name="--data-dir"), args.validation,
                                 args.holdout_size, args.train_limit)
 
 

@@ -242,9 +242,10 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
     return data.astype(np.int32)
 
 
-def _data_dir_source(data_dir) -> str:
-    """Where the data folder came from, for messages: the flag or the environment variable."""
-    return "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+def _data_dir_source(data_dir, name: str = "data_dir") -> str:
+    """Where the data folder came from, for messages: the argument (`name`: the command
+    line calls it --data-dir) or the environment variable."""
+    return name if data_dir is not None else f"${DATA_DIR_ENV}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -260,9 +261,10 @@ def _load_cached(data_dir: Path | None, source: str) -> Dataset:
     return Dataset(**splits)
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
-    """MNIST train (60,000) and test (10,000), read once per process and kept in memory."""
-    return _load_cached(resolve_data_dir(data_dir), _data_dir_source(data_dir))
+def load_mnist(data_dir: str | os.PathLike | None = None, *, name: str = "data_dir") -> Dataset:
+    """MNIST train (60,000) and test (10,000), read once per process and kept in memory.
+    `name`: what error messages call `data_dir` (the command line: "--data-dir")."""
+    return _load_cached(resolve_data_dir(data_dir), _data_dir_source(data_dir, name))
 
 
 def synthetic(num_train: int = 512, num_test: int = 256, seed: int = 0,

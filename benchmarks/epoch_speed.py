@@ -127,19 +127,24 @@ def variant_config(variant: str, args) -> ModelConfig:
                                pool_impl=args.pool_impl)
 
 
-def train_config(args, seeds: int = 1, chunks: int | None = None) -> TrainConfig:
+def train_config(args, seeds: int = 1, chunks: int | None = None,
+                 devices: int = 1) -> TrainConfig:
     """The TrainConfig both frameworks train with (batch --batch-size, seed SEED, the
-    notebook's learning rate); JAX's layout, engine and chunks from the flags."""
+    notebook's learning rate); JAX's layout, engine, chunks and devices from the flags."""
     return TrainConfig(seed=SEED, seeds=seeds, layout=args.layout,
                        batch_size=args.batch_size, engine=args.engine,
-                       epoch_chunks=chunks or TrainConfig().epoch_chunks)
+                       epoch_chunks=chunks or TrainConfig().epoch_chunks, devices=devices,
+                       data_parallel=args.data_parallel if devices > 1 else 1)
 
 
-def build_jax_run(model_config: ModelConfig, seeds: int, args, splits,
-                  mode: str = "") -> JaxRun:
-    """The project's own wiring, exactly as fit() builds it (train.build_run)."""
+def build_jax_run(model_config: ModelConfig, seeds: int, args, dataset,
+                  mode: str = "", devices: int = 1) -> JaxRun:
+    """The project's own wiring, exactly as fit() builds it (train.build_run), its data
+    placed as fit() places it (on one device, or replicated over the run's mesh)."""
     chunks, bar = PROGRESS_MODES[mode]
-    run = build_run(model_config, train_config(args, seeds, chunks))
+    run = build_run(model_config, train_config(args, seeds, chunks, devices))
+    place = run.epochs.placement
+    splits = (place.to_device(*dataset.train), place.to_device(*dataset.test))
     return JaxRun(seeds, run, run.states, splits[0], splits[1],
                   count_params(engine.seed_slice(run.states.params, 0)), bar,
                   seeds * engine.steps_per_epoch(splits[0].size, args.batch_size))
@@ -189,8 +194,9 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / MB
 
 
-def contestant_name(seeds: int, mode: str = "") -> str:
-    return ("jax" if seeds == 1 else f"jax-{seeds}seeds") + mode
+def contestant_name(seeds: int, mode: str = "", devices: int = 1) -> str:
+    return (("jax" if seeds == 1 else f"jax-{seeds}seeds") + mode
+            + (f"-{devices}dev" if devices > 1 else ""))
 
 
 def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
@@ -200,11 +206,11 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
     epochs: list[dict] = []
     jax_runs: dict[tuple[str, str], JaxRun] = {}
     keras_models: dict[str, Any] = {}
-    splits = (engine.to_device(*dataset.train), engine.to_device(*dataset.test))
     k_train, k_test = keras_arrays(dataset) if keras is not None else (None, None)
     modes = tuple(PROGRESS_MODES) if args.progress else ("",)
-    jax_contestants = {contestant_name(k, m): (k, m) for k in args.seeds for m in modes
-                       if not m or k == 1}  # --progress: modes at one seed only
+    jax_contestants = {contestant_name(k, m, d): (k, m, d) for d in args.devices
+                       for k in args.seeds for m in modes
+                       if not m or (k == 1 and d == 1)}  # --progress: one seed, one device
     contestants = list(jax_contestants) if "jax" in args.frameworks else []
     contestants += ["keras"] if keras is not None else []
 
@@ -227,9 +233,10 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
         return row
 
     for variant in args.variants:
-        for name, (seeds, mode) in (jax_contestants.items() if "jax" in args.frameworks else ()):
+        for name, (seeds, mode, devices) in (jax_contestants.items()
+                                             if "jax" in args.frameworks else ()):
             jax_runs[variant, name] = build_jax_run(variant_config(variant, args), seeds, args,
-                                                    splits, mode)
+                                                    dataset, mode, devices)
             timed_epoch(variant, name, "warmup", 0)
         if keras is not None:
             keras_reference.seed_everything(train_config(args), keras)
@@ -289,7 +296,12 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
         out["ratio_jax_over_keras"] = out["jax"]["median_s"] / out["keras"]["median_s"]
     if "jax" in out:
         for contestant in out:
-            if contestant.startswith("jax-") and contestant.endswith("seeds"):
+            if contestant.endswith("dev"):  # K seeds over devices against K seeds on one
+                one = contestant.rsplit("-", 1)[0]
+                if one in out:
+                    out[contestant]["ratio_over_one_device"] = (out[contestant]["median_s"]
+                                                                / out[one]["median_s"])
+            elif contestant.startswith("jax-") and contestant.endswith("seeds"):
                 out[contestant]["ratio_over_one_seed"] = (out[contestant]["median_s"]
                                                           / out["jax"]["median_s"])
             elif contestant.startswith("jax") and contestant != "jax":
@@ -436,6 +448,12 @@ def parse_args(argv):
                              f"(default: {DEFAULT_EPOCHS}; --tiny: {TINY_EPOCHS})")
     parser.add_argument("--seeds", type=seed_counts, default=(1,),
                         help="comma-separated seed counts to time JAX at, e.g. 1,3 (default: 1)")
+    parser.add_argument("--devices", type=seed_counts, default=(1,),
+                        help="comma-separated device counts to time JAX's seeds on, e.g. 1,2 "
+                             "(several: seeds spread over them; CPU devices need XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N; default: 1)")
+    parser.add_argument("--data-parallel", type=cli.positive_int, default=1, metavar="D",
+                        help="on several devices, split each batch over D of them (default: 1)")
     parser.add_argument("--progress", action="store_true",
                         help="also time one seed's epoch with fit()'s progress bars drawn "
                              "(jax+bar) and as one compiled call (jax-1call), beside the "

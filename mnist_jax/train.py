@@ -163,9 +163,13 @@ def fit(model: nn.Module | ModelConfig, train_config: TrainConfig, splits: Split
                 for i in np.flatnonzero(active):
                     log_stop(log, name, seeds[i], epoch, cfg.monitor, len(seeds) > 1)
             bars.close()
+            interrupts.check()  # a signal during the last epoch's save: the run resumes here
             final = best if cfg.restore_best_weights else states
             evaluate_test(run, final, splits, seeds, recorder)
             recorder.write_result(result_record(name, cfg, splits, seeds))
+            # A signal during the test evaluation (one pass, not cut) stops here, with the
+            # run finished on disk, rather than in the next model's first epoch.
+            interrupts.check()
         finished = True
     finally:
         for part in (bars, sampler):

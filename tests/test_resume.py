@@ -15,6 +15,7 @@ import subprocess
 import sys
 import termios
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -375,7 +376,8 @@ def test_a_diverging_seed_stops_alone_and_the_study_exits_non_zero(mnist_path, t
     proc = _run(cmd)
     assert_clean_exit(proc.returncode, proc.stderr, 2)
     assert proc.stderr == ("error: training diverged (loss not finite) for 2conv seed(s) 1; "
-                           "the other seeds' results are complete: lower --learning-rate\n")
+                           "a diverged seed has a result only if it improved before "
+                           "diverging (summary.md says which): lower --learning-rate\n")
     assert "[2conv] seed 1 diverged in epoch 2 (loss not finite)" in proc.stdout
     result = records.read_json(out / "2conv" / records.RESULT_FILE)
     seed0, seed1 = result["seeds"]
@@ -387,7 +389,7 @@ def test_a_diverging_seed_stops_alone_and_the_study_exits_non_zero(mnist_path, t
     assert [(r["epoch"], r["diverged"]) for r in rows] == [(1, False), (2, True)]
     assert all(s["diverged_epoch"] is None and s["test_accuracy"] > 0.1 for s in
                records.read_json(out / "3conv" / records.RESULT_FILE)["seeds"])
-    assert "diverged at 2" in (out / "summary.md").read_text()
+    assert "diverged at 2, after best epoch 1 (kept)" in (out / "summary.md").read_text()
 
 
 def test_ctrl_c_during_the_first_compilation_exits_130_without_a_traceback(mnist_path, tmp_path):
@@ -511,3 +513,69 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_pipe(mnist_path, tmp_
                      records.read_json(tmp_path / "pipe" / records.RESULT_FILE)["seeds"])
     assert sum(line.startswith("[conv8-16] epoch ") for line in piped.stdout.splitlines()) \
         == epochs_run
+
+
+SIGNAL_AT = {
+    # during 2conv's test evaluation: the run's files are complete, the study stops there
+    "test-evaluation": """
+        import os, signal, time
+        from pathlib import Path
+        from mnist_jax import train
+        evaluate_test = train.evaluate_test
+        def signalled(run, final, splits, seeds, recorder):
+            if recorder.out.name == "2conv":
+                Path(os.environ["SIGNAL_TIME"]).write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGTERM)
+            return evaluate_test(run, final, splits, seeds, recorder)
+        train.evaluate_test = signalled
+    """,
+    # while the report draws its second figure: no summary or figure half-written
+    "report": """
+        import os, signal, time
+        from pathlib import Path
+        from mnist_jax import plots
+        png, drawn = plots.png, []
+        def signalled(figure):
+            drawn.append(figure)
+            if len(drawn) == 2:
+                Path(os.environ["SIGNAL_TIME"]).write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGTERM)
+            return png(figure)
+        plots.png = signalled
+    """,
+}
+
+
+@pytest.mark.parametrize("phase", sorted(SIGNAL_AT))
+def test_sigterm_in_the_test_evaluation_or_the_report_stops_cleanly_and_resumes(
+        phase, small_study, mnist_path, tmp_path):
+    """SIGTERM during a phase that is not a chunk of steps: exit 143 within seconds (the
+    test allows 60), every file whole, and --resume ends as the uninterrupted study."""
+    out, stamp = tmp_path / "study", tmp_path / "signal_time"
+    cmd = _driver(tmp_path, mnist_path, out, SIGNAL_AT[phase], module="experiments.depth_study",
+                  flags=SMALL_STUDY_FLAGS)
+    proc = _run(cmd, env={**os.environ, "SIGNAL_TIME": str(stamp)})
+    ended = time.time()
+    assert_clean_exit(proc.returncode, proc.stderr, 143)
+    assert ended - float(stamp.read_text()) < 60
+    for path in out.rglob("*"):
+        assert not path.name.endswith(".tmp"), path  # no write left half-done
+    for name in ("2conv", "3conv"):
+        if (out / name / records.RESULT_FILE).exists():
+            records.read_json(out / name / records.RESULT_FILE)  # whole JSON
+    if phase == "test-evaluation":
+        assert (out / "2conv" / records.RESULT_FILE).exists()
+        assert not (out / "3conv").exists() or not any((out / "3conv").iterdir())
+    summary = records.read_json(out / "summary.json")
+    assert summary.get("status") == "interrupted"  # never a finished summary beside old figures
+
+    proc = _run(_driver(tmp_path, mnist_path, out, "", module="experiments.depth_study",
+                        flags=[*SMALL_STUDY_FLAGS, "--resume"]))
+    assert proc.returncode == 0, proc.stderr
+    expected = records.read_json(small_study.out / "summary.json")
+    summary = records.read_json(out / "summary.json")
+    assert summary["sentence"] == expected["sentence"]
+    for name in ("2conv", "3conv"):
+        assert _history(out / name) == _history(small_study.out / name)
+    for figure in ("curves.png", "confusion.png", "misclassified.png", "resources.png"):
+        assert (out / figure).stat().st_size > 0

@@ -178,11 +178,13 @@ def load_splits(args) -> data_lib.Splits:
 
 
 def check_finite(diverged: list[tuple[str, list[int]]]) -> None:
-    """After everything else is written: a run where some seed diverged is an error."""
+    """After everything else is written: a run where some seed diverged is an error. The
+    line is true whether none, some or all seeds have a result (the summary says which)."""
     bad = [f"{name} seed(s) {', '.join(map(str, seeds))}" for name, seeds in diverged if seeds]
     if bad:
         raise TrainingDiverged(f"training diverged (loss not finite) for {'; '.join(bad)}; "
-                               f"the other seeds' results are complete: lower --learning-rate")
+                               f"a diverged seed has a result only if it improved before "
+                               f"diverging (summary.md says which): lower --learning-rate")
 
 
 def claim_out(args) -> records.RunDir:

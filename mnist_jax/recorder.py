@@ -8,7 +8,8 @@ A run folder holds:
   history.csv          one row per seed per epoch it trained: train/val loss and accuracy,
                        whether it improved, epoch time, resources (shared by the seeds)
   result.json          per seed: best and stop epochs, best value, whether it diverged, its
-                       test loss and accuracy on the restored weights, its checkpoint
+                       test loss and accuracy on the restored weights, its checkpoint (a
+                       seed that diverged before any improvement: no result, all null)
   test_predictions.npz the test labels, every seed's predicted classes, and the images
                        some seed got wrong (what the report's figures need)
   checkpoints/seed_<S>/best/<epoch>/   Orbax checkpoint of seed S's best train state
@@ -174,14 +175,16 @@ class Recorder:
             records.write_json(self.out / records.RESULT_FILE, result)
 
     def write_predictions(self, labels: np.ndarray, predictions: np.ndarray,
-                          images: np.ndarray) -> None:
-        """labels [N], predictions [K, N] (one row per seed) and the images [N, H, W, C],
-        of which only those some seed misclassified are kept."""
+                          images: np.ndarray, seeds: list[int] | None = None) -> None:
+        """labels [N], predictions [K, N] (one row per seed of `seeds`, default every seed
+        of the run; a seed without a result is left out) and the images [N, H, W, C], of
+        which only those some seed misclassified are kept."""
         if self.out is None:
             return
+        seeds = self.seeds if seeds is None else seeds
         wrong = np.flatnonzero((predictions != labels[None, :]).any(axis=0))
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, seeds=np.asarray(self.seeds, np.int64),
+        np.savez_compressed(buffer, seeds=np.asarray(seeds, np.int64),
                             labels=labels.astype(np.int8), predictions=predictions.astype(np.int8),
                             wrong_indices=wrong, wrong_images=images[wrong, ..., 0])
         records.atomic_write_bytes(self.out / records.PREDICTIONS_FILE, buffer.getvalue())

@@ -97,6 +97,13 @@ class RunDir:
             self.close()
 
 
+def seed_has_result(seed: dict) -> bool:
+    """Whether one seed of result.json has a result: a best epoch and test figures. A seed
+    that diverged before any improvement has neither (result.json by an older version gave
+    it the test figures of its initial weights: ignored)."""
+    return seed.get("test_accuracy") is not None and seed.get("best_epoch") is not None
+
+
 def new_run_dir(root: str | os.PathLike) -> Path:
     """A new, empty folder `<root>/<date-time>` (`-2`, `-3`, ... for runs started in the
     same second), created atomically so that two runs never get the same one."""

@@ -133,22 +133,31 @@ def _summary(run: dict) -> dict:
     config, history, result = run["config"], run["history"], run["result"]
     per_seed = []
     for seed in result["seeds"]:
-        rows = [r for r in history if r["seed"] == seed["seed"]]
+        # A seed's figures come from the epochs before it diverged (an epoch whose loss is
+        # not finite measures broken weights), and only if it has a result at all.
+        diverged = seed["diverged_epoch"]
+        rows = [r for r in history if r["seed"] == seed["seed"]
+                and (diverged is None or r["epoch"] < diverged)]
+        for key in ("test_accuracy", "best_epoch"):  # in every version's result.json
+            if key not in seed:
+                raise KeyError(key)
+        has_result = records.seed_has_result(seed) and bool(rows)
         val_acc = [r["val_accuracy"] for r in rows]
-        val_loss = [r["val_loss"] for r in rows]
-        best = val_acc.index(max(val_acc))  # the first best, as Keras' strict improvement
+        best = val_acc.index(max(val_acc)) if has_result else None  # the first best, as Keras
         per_seed.append({
             "seed": seed["seed"],
-            "best_val_accuracy": val_acc[best],
-            "best_val_accuracy_epoch": rows[best]["epoch"],
-            "min_val_loss": min(val_loss),
-            "best_epoch": seed["best_epoch"],
+            "has_result": has_result,
+            "best_val_accuracy": val_acc[best] if has_result else None,
+            "best_val_accuracy_epoch": rows[best]["epoch"] if has_result else None,
+            "min_val_loss": min(r["val_loss"] for r in rows) if has_result else None,
+            "best_epoch": seed["best_epoch"] if has_result else None,
             "stopped_epoch": seed["stopped_epoch"],
             "epochs_run": seed["epochs_run"],
-            "diverged_epoch": seed["diverged_epoch"],
-            "test_accuracy": seed["test_accuracy"],
-            "test_loss": seed["test_loss"],
+            "diverged_epoch": diverged,
+            "test_accuracy": seed["test_accuracy"] if has_result else None,
+            "test_loss": seed["test_loss"] if has_result else None,
         })
+    with_result = [s for s in per_seed if s["has_result"]]
     epochs = plots.epoch_rows(history)
     times = [r["epoch_time_s"] for r in epochs]
     n_test = config["data"]["test_examples"]
@@ -165,8 +174,16 @@ def _summary(run: dict) -> dict:
         **{f"{k}": config["data"][k] for k in ("train_examples", "val_examples", "test_examples")},
         "seeds": [s["seed"] for s in per_seed],
         "per_seed": per_seed,
-        **{key: stats.describe([s[key] for s in per_seed])
-           for key in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs_run")},
+        # Statistics over the seeds with a result; `diverged` lists every seed whose loss
+        # became NaN or infinite, `without_result` those that diverged before improving.
+        "seeds_with_result": [s["seed"] for s in with_result],
+        "diverged": [s["seed"] for s in per_seed if s["diverged_epoch"] is not None],
+        "without_result": [s["seed"] for s in per_seed if not s["has_result"]],
+        "failed": not with_result,
+        **{key: stats.describe([s[key] for s in with_result], bounds=(0.0, 1.0))
+           for key in ("best_val_accuracy", "test_accuracy")},
+        "best_epoch": stats.describe([s["best_epoch"] for s in with_result]),
+        "epochs_run": stats.describe([s["epochs_run"] for s in per_seed]),
         "epochs": len(epochs),
         "first_epoch_s": times[0],
         # Epochs that compiled (the first, and the first after each --resume) left out.
@@ -183,7 +200,8 @@ def _summary(run: dict) -> dict:
         "placement": config.get("placement") or {"devices": 1, "mesh": None},
     }
     mean_test = summary["test_accuracy"]["mean"]
-    summary["test_accuracy_se_one_seed"] = stats.binomial_se(mean_test, n_test)
+    summary["test_accuracy_se_one_seed"] = (stats.binomial_se(mean_test, n_test)
+                                            if mean_test is not None else None)
     for key in RESOURCES:
         means = [r[f"{key}_mean"] for r in epochs if r.get(f"{key}_mean") is not None]
         if means:
@@ -215,11 +233,13 @@ def _flops(model: dict) -> int | None:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """b against the reference a, on the metric the protocol allows, with the sentence."""
+    """b against the reference a, on the metric the protocol allows, over the seeds that
+    have a result (a seed that diverged before any improvement has none), with the
+    sentence."""
     metric = "test_accuracy" if a["validation"] == "holdout" else "best_val_accuracy"
     x, y = a[metric]["values"], b[metric]["values"]
     out = {"reference": a["name"], "variant": b["name"], "metric": metric,
-           "seeds": [len(x), len(y)], "welch": stats.welch(x, y)}
+           "seeds": [len(x), len(y)], "welch": stats.welch(x, y, bounds=(0.0, 1.0))}
     if out["welch"] is not None and math.isfinite(out["welch"]["p_value"]):
         sd = ((a[metric]["sd"] ** 2 + b[metric]["sd"] ** 2) / 2) ** 0.5
         n = min(len(x), len(y))
@@ -234,19 +254,42 @@ METRIC_WORDS = {"test_accuracy": "test accuracy",
                 "best_val_accuracy": "best validation accuracy (on the test set)"}
 
 
+def _left_out(v: dict) -> int:
+    """How many of a variant's seeds have no result (0 for a summary without the count)."""
+    return len(v.get("without_result") or [])
+
+
 def sentence(cmp: dict, a: dict, b: dict) -> str:
-    """The comparison in one plain sentence."""
+    """The comparison in one plain sentence (what diverged is said once per variant, by
+    divergence_note)."""
+    if a.get("failed") or b.get("failed"):
+        if a.get("failed") and b.get("failed"):
+            return (f"{b['name']} and {a['name']} are not compared: neither has a result, "
+                    f"so neither does better or worse.")
+        failed, other = (a, b) if a.get("failed") else (b, a)
+        return (f"{other['name']} is not compared with {failed['name']}, which has no "
+                f"result: neither does better or worse here.")
     words = METRIC_WORDS[cmp["metric"]]
     diff = 100 * (b[cmp["metric"]]["mean"] - a[cmp["metric"]]["mean"])
     direction = "lower" if diff < 0 else "higher"
     w = cmp["welch"]
     n_a, n_b = cmp["seeds"]
+    some_left_out = _left_out(a) or _left_out(b)
+    with_result = " with a result" if some_left_out else ""
     if w is None:
-        return (f"With {min(n_a, n_b)} seed per variant there is no spread to test against: "
-                f"{b['name']}'s {words} is {abs(diff):.2f} points {direction} than "
-                f"{a['name']}'s in this one run, the size of the seed-to-seed spread; "
-                f"run --seeds 3 or more for an interval and a test.")
-    seeds = f"{n_a} seeds each" if n_a == n_b else f"{n_a} and {n_b} seeds"
+        if n_a == n_b == 1 and not some_left_out:
+            return (f"With 1 seed per variant there is no test: {b['name']}'s {words} is "
+                    f"{abs(diff):.2f} points {direction} than {a['name']}'s in this one run, "
+                    f"and one run each cannot tell how much of that another seed would "
+                    f"change; run --seeds 3 or more for an interval and a test.")
+        counts = (f"{n_a} seed{with_result} per variant" if n_a == n_b == 1 else
+                  f"{n_a} and {n_b} seeds{with_result}")
+        return (f"With {counts} there is no test (the spread between seeds needs two or "
+                f"more{with_result} on each side): {b['name']}'s {words} is {abs(diff):.2f} "
+                f"points {direction} than {a['name']}'s, and one seed cannot tell how much of "
+                f"that another seed would change.")
+    seeds = (f"{n_a} seeds each{with_result}" if n_a == n_b else
+             f"{n_a} and {n_b} seeds{with_result}")
     lo, hi = 100 * w["ci_low"], 100 * w["ci_high"]
     p = w["p_value"]
     if not np.isfinite(p):
@@ -271,6 +314,38 @@ def sentence(cmp: dict, a: dict, b: dict) -> str:
     return (f"Over {seeds}, {b['name']}'s {words} is {abs(diff):.2f} points {direction} than "
             f"{a['name']}'s (95% CI {lo:+.2f} to {hi:+.2f}; Welch's t-test p = {p:.2g}"
             f"{corrected}): {verdict}.")
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return singular if n == 1 else plural
+
+
+def divergence_note(v: dict) -> str:
+    """What diverged in one variant, in a sentence ("" where nothing did): how many of its
+    seeds, whether before any improvement (no result, left out) or after their best epoch
+    (its result kept), or that the variant failed (no seed has a result)."""
+    per_seed = v["per_seed"]
+    n = len(per_seed)
+    lost = [s for s in per_seed if not s["has_result"]]
+    later = [s for s in per_seed if s["has_result"] and s["diverged_epoch"] is not None]
+    before = (" before any improvement" if all(s["diverged_epoch"] is not None
+                                                and s["best_epoch"] is None for s in lost)
+              else "")
+    if not lost and not later:
+        return ""
+    if not later and len(lost) == n:
+        every = "its seed" if n == 1 else f"all {n} of its seeds"
+        return (f"{v['name']} failed: {every} diverged (loss not finite){before}, so it has "
+                f"no result.")
+    kept = (f"after {_count(len(later), 'its', 'their')} best epoch, "
+            f"{_count(len(later), 'whose result is', 'whose results are')} kept")
+    gone = f"{before} and {_count(len(lost), 'has', 'have')} no result"
+    if not later:
+        return f"{v['name']}: {len(lost)} of {n} seeds diverged (loss not finite){gone}."
+    if not lost:
+        return f"{v['name']}: {len(later)} of {n} seeds diverged (loss not finite) {kept}."
+    return (f"{v['name']}: {len(lost) + len(later)} of {n} seeds diverged (loss not finite): "
+            f"{len(lost)}{gone}, {len(later)} {kept}.")
 
 
 def _comparisons(n: int) -> str:
@@ -311,13 +386,17 @@ def build_summary(runs: list[dict], spec: StudySpec | None = None) -> dict:
                         f"they cannot be compared")
     validation = protocols.pop()
     comparisons = compare_study(variants, spec)
+    notes = [note for note in map(divergence_note, variants) if note]
     return {"study": spec.to_dict(), "validation": validation,
             "protocol": PROTOCOLS[validation], "variants": variants,
-            "comparisons": comparisons, "sentence": " ".join(c["sentence"] for c in comparisons)}
+            "comparisons": comparisons,
+            "sentence": " ".join([*notes, *(c["sentence"] for c in comparisons)])}
 
 
 def _pct(d: dict) -> str:
-    """mean ± sd [95% CI] of a described fraction, in percent."""
+    """mean ± sd [95% CI] of a described fraction, in percent ("none" without values)."""
+    if d["mean"] is None:
+        return "none"
     if d["sd"] is None:
         return f"{100 * d['mean']:.2f}%"
     return (f"{100 * d['mean']:.2f} ± {100 * d['sd']:.2f}% "
@@ -325,7 +404,15 @@ def _pct(d: dict) -> str:
 
 
 def _num(d: dict) -> str:
+    if d["mean"] is None:
+        return "-"
     return f"{d['mean']:.1f}" + (f" ± {d['sd']:.1f}" if d["sd"] is not None else "")
+
+
+def _seed_count(v: dict) -> str:
+    """How many seeds the figures are over: '3', or '2 of 3' where some have no result."""
+    n = len(v["seeds"])
+    return f"{n - _left_out(v)} of {n}" if _left_out(v) else str(n)
 
 
 def format_table(summary: dict) -> str:
@@ -343,7 +430,7 @@ def format_table(summary: dict) -> str:
                 if "vram_used_mb_peak" in v else "n/a")
         lines.append(
             f"| {v['name']} | {v['num_params']:,} | "
-            f"{f'{flops / 1e6:.2f}' if flops else 'n/a'} | {len(v['seeds'])} | "
+            f"{f'{flops / 1e6:.2f}' if flops else 'n/a'} | {_seed_count(v)} | "
             f"{_pct(v['test_accuracy'])} | {_pct(v['best_val_accuracy'])} | "
             f"{_num(v['best_epoch'])} | {_num(v['epochs_run'])} | {v['mean_epoch_s']:.1f} | "
             f"{v['cpu_percent_mean']:.0f} | {v['rss_mb_peak']:,.0f} | {gpu} | {vram} |")
@@ -364,20 +451,30 @@ def format_seeds(summary: dict) -> str:
              "epochs run |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v in summary["variants"]:
         for s in v["per_seed"]:
-            stop = ("diverged at " + str(s["diverged_epoch"]) if s["diverged_epoch"]
-                    else s["stopped_epoch"] or "-")
-            lines.append(f"| {v['name']} | {s['seed']} | {100 * s['test_accuracy']:.2f}% | "
-                         f"{100 * s['best_val_accuracy']:.2f}% ({s['best_val_accuracy_epoch']}) | "
-                         f"{s['min_val_loss']:.4f} | {stop} | {s['epochs_run']} |")
+            stop = s["stopped_epoch"] or "-"
+            if s["diverged_epoch"] is not None:
+                stop = f"diverged at {s['diverged_epoch']}" + (
+                    f", after best epoch {s['best_epoch']} (kept)" if s["has_result"]
+                    else ": no result")
+            if s["has_result"]:
+                figures = (f"{100 * s['test_accuracy']:.2f}% | "
+                           f"{100 * s['best_val_accuracy']:.2f}% ({s['best_val_accuracy_epoch']}) "
+                           f"| {s['min_val_loss']:.4f}")
+            else:
+                figures = "none | none | none"
+            lines.append(f"| {v['name']} | {s['seed']} | {figures} | {stop} | "
+                         f"{s['epochs_run']} |")
     return "\n".join(lines)
 
 
 def format_statistics(summary: dict) -> str:
     lines = []
     for v in summary["variants"]:
-        lines.append(f"- {v['name']}: one seed's test accuracy, measured on "
-                     f"{v['test_examples']:,} images, has a standard error of "
-                     f"{100 * v['test_accuracy_se_one_seed']:.2f} points (binomial).")
+        if v["test_accuracy_se_one_seed"] is not None:
+            lines.append(f"- {v['name']}: one seed's test accuracy, measured on "
+                         f"{v['test_examples']:,} images, has a standard error of "
+                         f"{100 * v['test_accuracy_se_one_seed']:.2f} points (binomial).")
+        lines += _divergence_lines(v)
     for c in summary["comparisons"]:
         w = c["welch"]
         if w is None:
@@ -408,6 +505,25 @@ def format_statistics(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _divergence_lines(v: dict) -> list[str]:
+    """One line per way a variant's seeds diverged: in which epoch, and whether after a
+    best epoch (kept) or with no result (left out)."""
+    groups: dict[tuple, list[int]] = {}
+    for s in v["per_seed"]:
+        if s["diverged_epoch"] is not None:
+            key = (s["diverged_epoch"], s["has_result"], s["best_epoch"])
+            groups.setdefault(key, []).append(s["seed"])
+    lines = []
+    for (epoch, kept, best), seeds in groups.items():
+        one = len(seeds) == 1
+        who = f"seed{'' if one else 's'} {', '.join(map(str, seeds))}"
+        lines.append(f"- {v['name']}: {who} diverged (loss not finite) in epoch {epoch}, " + (
+            f"after {'its' if one else 'their'} best epoch ({best}), whose "
+            f"result{' is' if one else 's are'} kept." if kept else
+            "with no result: left out of the statistics, the test and the figures."))
+    return lines
+
+
 def format_text(summary: dict) -> str:
     """What the command line prints: the table and the sentence."""
     return "\n".join([format_table(summary), "", summary["sentence"]])
@@ -433,7 +549,8 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path] | None = 
         f"Protocol: {summary['protocol']}. {v0['train_examples']:,} training, "
         f"{v0['val_examples']:,} validation and {v0['test_examples']:,} test images. "
         f"Measured on {v0['device']} (JAX backend {v0['backend']}, engine {v0['engine']}, "
-        f"seeds {v0['layout']}, {_placement_words(v0['placement'])}). Accuracies: mean ± sd over seeds [95% t-interval]. "
+        f"seeds {v0['layout']}, {_placement_words(v0['placement'])}). Accuracies: mean ± sd over seeds [95% t-interval]"
+        f"{_clipped_note(summary)}. "
         f"s/epoch: all seeds of the epoch together, epoch 1 (with compilation) left out.", "",
         text[0], "", "## Every seed", "", text[1], "", "## Statistics", "", text[2], "",
         *[f"![{name}]({file})" for name, file in FIGURES.items()], "",
@@ -446,6 +563,16 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path] | None = 
     for file, figure in figures.items():
         plots.save(figure, out_dir / file)
     return summary
+
+
+def _clipped_note(summary: dict) -> str:
+    """Where an interval was cut at 0% or 100% (few seeds, a wide spread), a clause saying
+    so; "" otherwise."""
+    clipped = (any(v[k].get("clipped") for v in summary["variants"]
+                   for k in ("test_accuracy", "best_val_accuracy"))
+               or any((c["welch"] or {}).get("clipped") for c in summary["comparisons"]))
+    return (" (an interval that ran past 0% or 100%, or a difference's past ±100 points, is "
+            "clipped there: an accuracy cannot pass them)" if clipped else "")
 
 
 def diverged_seeds(run_dir: str | Path) -> list[int]:

@@ -19,9 +19,15 @@ ALPHA = 0.05
 POWER = 0.80
 
 
-def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+def describe(values: Sequence[float], confidence: float = CONFIDENCE,
+             bounds: tuple[float, float] | None = None) -> dict:
     """The values, their mean, sample standard deviation (n - 1) and the t-interval of
-    the mean (None where fewer than two values give no spread)."""
+    the mean (None where fewer than two values give no spread).
+
+    `bounds`: the range the values can take (an accuracy: (0, 1)). The t-interval assumes
+    an unbounded normal mean, so with few values and a wide spread it can run past a bound
+    (2 seeds: 12.7 sd either side); it is then clipped to the bound, which the true mean
+    cannot pass either, and `clipped` says so."""
     x = np.asarray(values, dtype=float)
     n = len(x)
     out = {"n": n, "values": x.tolist(), "mean": float(x.mean()) if n else None,
@@ -29,14 +35,30 @@ def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     if n >= 2:
         sd = float(x.std(ddof=1))
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-        out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+        low, high = out["mean"] - half, out["mean"] + half
+        if bounds is not None:
+            clipped = clip_interval(low, high, bounds)
+            if clipped != (low, high):
+                out["clipped"] = True
+            low, high = clipped
+        out.update(sd=sd, ci_low=low, ci_high=high)
     return out
 
 
-def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict | None:
+def clip_interval(low: float, high: float, bounds: tuple[float, float]) -> tuple[float, float]:
+    """An interval cut to `bounds` (a quantity that cannot leave them)."""
+    return max(low, bounds[0]), min(high, bounds[1])
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE,
+          bounds: tuple[float, float] | None = None) -> dict | None:
     """mean(b) - mean(a) with Welch's t-test (unequal variances), its interval and Cohen's
     d on the average variance, sqrt((sd_a^2 + sd_b^2) / 2). None with fewer than two
-    values on a side. A zero spread on both sides gives no test (p is NaN)."""
+    values on a side. A zero spread on both sides gives no test (p is NaN).
+
+    `bounds`: the range of the values (as in describe); the difference's interval is then
+    clipped to the range a difference can take, (low - high, high - low), which changes
+    neither the test nor on which side of zero the interval lies."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return None
@@ -55,10 +77,16 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
         ci = result.confidence_interval(confidence)
     spread = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
     difference = float(b.mean() - a.mean())
+    low, high = float(ci.low), float(ci.high)
+    clipped = {}
+    if bounds is not None:
+        width = bounds[1] - bounds[0]
+        if (cut := clip_interval(low, high, (-width, width))) != (low, high):
+            (low, high), clipped = cut, {"clipped": True}
     return {
         "test": "Welch's two-sample t-test (two-sided)",
         "difference": difference,
-        "ci_low": float(ci.low), "ci_high": float(ci.high), "confidence": confidence,
+        "ci_low": low, "ci_high": high, "confidence": confidence, **clipped,
         "t": float(result.statistic), "df": float(result.df), "p_value": float(result.pvalue),
         "cohens_d": difference / spread if spread > 0 else None,
     }

@@ -146,15 +146,24 @@ def write_interrupted_summary(out_dir: str | Path, run_dirs: list[str | Path]) -
     for run in runs:
         lines.append(f"- {run['name']}: {run['status']}")
         for seed in run.get("seeds", []):
-            lines.append(f"  - seed {seed['seed']}: {seed['epochs_finished']} epoch(s), best "
-                         f"val_accuracy so far {seed['best_val_accuracy']:.4f} "
-                         f"(epoch {seed['best_epoch']})")
+            diverged = (f", diverged in epoch {seed['diverged_epoch']} (loss not finite)"
+                        if seed["diverged_epoch"] is not None else "")
+            best = (f"best val_accuracy so far {seed['best_val_accuracy']:.4f} (epoch "
+                    f"{seed['best_epoch']})" if seed["best_epoch"] is not None else
+                    "no result (no epoch before it diverged)")
+            lines.append(f"  - seed {seed['seed']}: {seed['epochs_finished']} epoch(s)"
+                         f"{diverged}, {best}")
     records.write_json(Path(out_dir) / SUMMARY_JSON, summary)
     records.atomic_write_text(Path(out_dir) / SUMMARY_MD, "\n".join(lines) + "\n")
     return summary
 
 
 def _seed_so_far(seed: int, rows: list[dict]) -> dict:
-    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
-    return {"seed": seed, "epochs_finished": len(rows), "best_epoch": best["epoch"],
-            "best_val_accuracy": best["val_accuracy"]}
+    """A seed's finished epochs and its best so far, from the epochs before it diverged
+    (one whose loss was not finite measures broken weights): none if it diverged first."""
+    diverged = next((r["epoch"] for r in rows if r.get("diverged")), None)
+    kept = [r for r in rows if diverged is None or r["epoch"] < diverged]
+    best = max(kept, key=lambda r: (r["val_accuracy"], -r["epoch"])) if kept else None
+    return {"seed": seed, "epochs_finished": len(rows), "diverged_epoch": diverged,
+            "best_epoch": best["epoch"] if best else None,
+            "best_val_accuracy": best["val_accuracy"] if best else None}

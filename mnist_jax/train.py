@@ -272,9 +272,12 @@ def end_of_epoch(seed: SeedResult, epoch: int, monitor: str, train_totals, val_t
 def log_stop(log, name: str, seed: SeedResult, epoch: int, monitor: str, several: bool) -> None:
     who = f"[{name}] seed {seed.seed}" if several else f"[{name}]"
     es = seed.early_stopping
-    if seed.diverged_epoch == epoch:
-        log(f"{who} diverged in epoch {epoch} (loss not finite): stopped; its best epoch so "
-            f"far ({es.best_epoch}) is kept")
+    if seed.diverged_epoch == epoch and es.best_epoch is None:
+        log(f"{who} diverged in epoch {epoch} (loss not finite) before any improvement: "
+            f"stopped, with no result (no test figures, no checkpoint)")
+    elif seed.diverged_epoch == epoch:
+        log(f"{who} diverged in epoch {epoch} (loss not finite): stopped; its best epoch "
+            f"({es.best_epoch}) is kept as its result")
     elif es.stopped_epoch == epoch:
         log(f"{who} early stop after epoch {epoch}: no {monitor} improvement for "
             f"{es.wait} epochs; best epoch {es.best_epoch}")
@@ -282,12 +285,21 @@ def log_stop(log, name: str, seed: SeedResult, epoch: int, monitor: str, several
 
 def evaluate_test(run: Run, final, splits: Splits, seeds: list[SeedResult],
                   recorder: Recorder) -> None:
-    """Every seed's final (restored) weights on the test split, once."""
+    """Every seed's final (restored) weights on the test split, once. A seed without a
+    best epoch (it diverged before any improvement: its `final` is its initial state), or
+    whose final weights give a non-finite test loss (diverged, not restored), has no
+    result: its `test` stays None and test_predictions.npz leaves it out."""
     totals, predictions = run.epochs.evaluate(final, run.epochs.placement.to_device(*splits.test))
     totals, predictions = jax.device_get((totals, predictions))
-    for seed, means in zip(seeds, engine.per_seed_means("test", totals)):
-        seed.test = means
-    recorder.write_predictions(splits.test.labels, np.asarray(predictions), splits.test.images)
+    kept = []
+    for i, (seed, means) in enumerate(zip(seeds, engine.per_seed_means("test", totals))):
+        usable = (seed.early_stopping.best_epoch is not None
+                  and all(math.isfinite(v) for v in means.values()))
+        seed.test = means if usable else None
+        if usable:
+            kept.append(i)
+    recorder.write_predictions(splits.test.labels, np.asarray(predictions)[kept],
+                               splits.test.images, seeds=[seeds[i].seed for i in kept])
 
 
 def result_record(name: str, cfg: TrainConfig, splits: Splits, seeds: list[SeedResult]) -> dict:
@@ -298,9 +310,13 @@ def result_record(name: str, cfg: TrainConfig, splits: Splits, seeds: list[SeedR
 
 
 def seed_record(seed: SeedResult) -> dict:
+    """One seed's outcome. `has_result` is false for a seed with no test figures (it
+    diverged before any improvement): its test_* are null and so is its checkpoint."""
     es = seed.early_stopping
     return {
         "seed": seed.seed,
+        "has_result": seed.test is not None,
+        "outcome": seed_outcome(seed),
         "best_epoch": es.best_epoch,
         "best_value": es.best,
         "stopped_epoch": es.stopped_epoch,
@@ -308,8 +324,23 @@ def seed_record(seed: SeedResult) -> dict:
         "diverged_epoch": seed.diverged_epoch,
         "best_checkpoint": (f"{seed_checkpoint_dir(seed.seed)}/{es.best_epoch}"
                             if es.best_epoch is not None else None),
-        **(seed.test or {}),
+        **(seed.test or {"test_loss": None, "test_accuracy": None}),
     }
+
+
+def seed_outcome(seed: SeedResult) -> str:
+    """How a seed's training ended, in words (result.json)."""
+    es = seed.early_stopping
+    if seed.diverged_epoch is not None and seed.test is None:
+        return (f"diverged in epoch {seed.diverged_epoch} (loss not finite)"
+                + (" before any improvement" if es.best_epoch is None else "")
+                + ": no result")
+    if seed.diverged_epoch is not None:
+        return (f"diverged in epoch {seed.diverged_epoch} (loss not finite), after its best "
+                f"epoch {es.best_epoch}, whose result is kept")
+    if es.stopped_epoch is not None:
+        return f"stopped early after epoch {es.stopped_epoch}; best epoch {es.best_epoch}"
+    return f"ran {seed.epochs_run} epochs; best epoch {es.best_epoch}"
 
 
 def describe_start(name: str, run: Run, cfg: TrainConfig, splits: Splits) -> str:

@@ -118,10 +118,11 @@ def test_the_sentence_claims_nothing_when_the_interval_holds_zero():
 
 
 def test_the_sentence_with_one_seed_or_no_spread_makes_no_test():
-    assert _sentence([0.99], [0.98]) == (
-        "With 1 seed per variant there is no spread to test against: 3conv's test accuracy "
-        "is 1.00 points lower than 2conv's in this one run, the size of the seed-to-seed "
-        "spread; run --seeds 3 or more for an interval and a test.")
+    # One seed says nothing about the spread between seeds, not even its size.
+    assert _sentence([0.99], [0.80]) == (
+        "With 1 seed per variant there is no test: 3conv's test accuracy is 19.00 points "
+        "lower than 2conv's in this one run, and one run each cannot tell how much of that "
+        "another seed would change; run --seeds 3 or more for an interval and a test.")
     # Equal values on each side (their float variances are ~1e-34, not 0): no test either,
     # and no power figures from that rounding noise.
     assert _sentence([0.99] * 3, [0.98] * 3) == (
@@ -132,3 +133,79 @@ def test_the_sentence_with_one_seed_or_no_spread_makes_no_test():
     assert report.format_statistics({"variants": [], "comparisons": [cmp]}) == (
         "- 3conv - 2conv (test accuracy): -1.00 points, with no spread between seeds: "
         "no interval and no test.")
+
+
+def test_an_interval_of_two_seeds_is_clipped_to_what_an_accuracy_can_be():
+    # Two seeds, 0.95 and 0.99: mean 0.97, sd 0.0283, t(0.975, df 1) = 12.706, half-width
+    # 12.706 * 0.0283 / sqrt(2) = 0.254: 0.716 .. 1.224 unclipped, past 100%.
+    d = stats.describe([0.95, 0.99], bounds=(0.0, 1.0))
+    assert d["ci_low"] == pytest.approx(0.97 - 0.2541, abs=1e-4)
+    assert d["ci_high"] == 1.0 and d["clipped"]
+    assert "clipped" not in stats.describe([0.95, 0.99]) and "clipped" not in stats.describe(
+        [0.90, 0.91, 0.92], bounds=(0.0, 1.0))
+    # A difference of accuracies lies in [-1, 1]: its interval is clipped there, and only there.
+    w = stats.welch([0.10, 0.90], [0.50, 0.60], bounds=(0.0, 1.0))
+    unclipped = stats.welch([0.10, 0.90], [0.50, 0.60])
+    assert unclipped["ci_low"] < -1 and unclipped["ci_high"] > 1
+    assert (w["ci_low"], w["ci_high"], w["clipped"]) == (-1.0, 1.0, True)
+    assert w["p_value"] == unclipped["p_value"]
+
+
+def _seeds(name, test_accuracies, diverged=()):
+    """A summarized variant (the fields the sentence reads): seed i has the test accuracy
+    test_accuracies[i], None where it diverged before any improvement; `diverged`: the
+    seeds that diverged (with a result: after their best epoch 1)."""
+    per_seed = [{"seed": i, "has_result": acc is not None, "test_accuracy": acc,
+                 "best_epoch": 1 if acc is not None else None,
+                 "diverged_epoch": (2 if acc is not None else 1) if i in diverged else None}
+                for i, acc in enumerate(test_accuracies)]
+    values = [acc for acc in test_accuracies if acc is not None]
+    return {"name": name, "validation": "holdout", "per_seed": per_seed,
+            "seeds": [s["seed"] for s in per_seed],
+            "without_result": [s["seed"] for s in per_seed if not s["has_result"]],
+            "failed": not values, "test_accuracy": stats.describe(values, bounds=(0.0, 1.0))}
+
+
+def test_seeds_without_a_result_are_left_out_and_said():
+    a = _seeds("2conv", [0.990, None, 0.992], diverged=(1,))
+    b = _seeds("3conv", [0.980, 0.981, 0.982], diverged=(2,))
+    cmp = report.compare(a, b)
+    assert cmp["seeds"] == [2, 3] and cmp["welch"]["difference"] == pytest.approx(-0.01)
+    assert cmp["sentence"].startswith("Over 2 and 3 seeds with a result, 3conv's test "
+                                      "accuracy is 1.00 points lower than 2conv's (95% CI ")
+    assert report.divergence_note(a) == ("2conv: 1 of 3 seeds diverged (loss not finite) "
+                                         "before any improvement and has no result.")
+    assert report.divergence_note(b) == ("3conv: 1 of 3 seeds diverged (loss not finite) "
+                                         "after its best epoch, whose result is kept.")
+    both = _seeds("3conv", [None, 0.98, None, 0.97], diverged=(0, 1, 2))
+    assert report.divergence_note(both) == (
+        "3conv: 3 of 4 seeds diverged (loss not finite): 2 before any improvement and have "
+        "no result, 1 after its best epoch, whose result is kept.")
+    assert report.divergence_note(_seeds("2conv", [0.99, 0.98])) == ""
+
+
+def test_fewer_than_two_seeds_with_a_result_make_no_test_and_the_sentence_says_why():
+    a = _seeds("2conv", [0.990, None, None], diverged=(1, 2))
+    b = _seeds("3conv", [0.980, 0.981, 0.982])
+    cmp = report.compare(a, b)
+    assert cmp["welch"] is None and "min_detectable_difference" not in cmp
+    assert cmp["sentence"] == (
+        "With 1 and 3 seeds with a result there is no test (the spread between seeds needs "
+        "two or more with a result on each side): 3conv's test accuracy is 0.90 points lower "
+        "than 2conv's, and one seed cannot tell how much of that another seed would change.")
+
+
+def test_a_variant_whose_every_seed_diverged_failed_and_is_never_better_or_worse():
+    failed = _seeds("2conv", [None, None, None], diverged=(0, 1, 2))
+    other = _seeds("3conv", [0.980, 0.981, 0.982])
+    assert report.divergence_note(failed) == (
+        "2conv failed: all 3 of its seeds diverged (loss not finite) before any improvement, "
+        "so it has no result.")
+    for a, b in ((failed, other), (other, failed)):
+        cmp = report.compare(a, b)
+        assert cmp["welch"] is None
+        assert cmp["sentence"] == ("3conv is not compared with 2conv, which has no result: "
+                                   "neither does better or worse here.")
+    assert report.divergence_note(_seeds("w16", [None], diverged=(0,))) == (
+        "w16 failed: its seed diverged (loss not finite) before any improvement, so it has "
+        "no result.")

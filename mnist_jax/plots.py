@@ -1,6 +1,7 @@
 """The study's figures, drawn from runs read by report.read_run (files only, no JAX).
 
-Each function takes the runs and returns a matplotlib Figure; `save` writes it atomically.
+Each function takes the runs and returns a matplotlib Figure; `save` writes it atomically,
+`png` gives its bytes (the report writes them with the summary, all or none).
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ CLASSES = 10  # MNIST's digits
 
 
 def save(fig, path: str | Path) -> None:
+    records.atomic_write_bytes(path, png(fig))
+
+
+def png(fig) -> bytes:
+    """The figure as a PNG file's bytes (what `save` writes); the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    records.atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _per_seed(run: dict, key: str) -> dict[int, tuple[list[int], list[float]]]:

@@ -3,6 +3,7 @@ folder, then os.replace), so an interrupted run never leaves a half-written file
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -126,24 +127,45 @@ def new_run_dir(root: str | os.PathLike) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: dict[str | os.PathLike, bytes]) -> None:
+    """Write several files all or none: each to a temporary file beside it, flushed to
+    disk, and only once every one is written, each renamed over its file. A failure before
+    the renames (a full disk, a read-only folder, a folder in the way) leaves every file as
+    it was and no temporary file behind; the error names the file it was for."""
+    staged: list[tuple[Path, Path]] = []  # (file, its temporary file)
     try:
-        # os.open with 0o666 lets the umask set the permissions (mkstemp would force 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+            with _naming(path, tmp):
+                if path.is_dir():  # found now, not by a rename after others were renamed
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+                # os.open with 0o666 lets the umask set the permissions (mkstemp: 0600).
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                staged.append((path, tmp))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        for path, tmp in staged:
+            with _naming(path, tmp):
+                os.replace(tmp, path)
+    finally:
+        for _, tmp in staged:  # those not renamed (after a failure)
             tmp.unlink(missing_ok=True)
-            raise
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path):
+    """An OSError inside names the file it was for (summary.json), never the hidden
+    temporary file (a read-only folder, a full disk, a folder in the way of the rename)."""
+    try:
+        yield
     except OSError as e:
-        # The error names the file it was for (summary.json), never the hidden temporary
-        # file (a read-only folder, a full disk, a folder in the way of the rename).
         if e.filename is None or e.filename in (str(tmp), os.fsencode(tmp)):
             if e.errno is None:
                 e.filename = str(path)
@@ -159,7 +181,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """What write_json writes: indented JSON, NaN and infinities as null."""
+    return (json.dumps(_json_safe(obj), indent=2) + "\n").encode("utf-8")
 
 
 def json_roundtrip(obj: Any) -> Any:

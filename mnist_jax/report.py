@@ -555,13 +555,15 @@ def write_study_report(out_dir: str | Path, run_dirs: list[str | Path] | None = 
         text[0], "", "## Every seed", "", text[1], "", "## Statistics", "", text[2], "",
         *[f"![{name}]({file})" for name, file in FIGURES.items()], "",
     ]
-    # Every figure drawn before anything is written: a run the figures cannot draw leaves
-    # the previous summary and figures as they were.
-    figures = {file: getattr(plots, name)(runs) for name, file in FIGURES.items()}
-    records.write_json(out_dir / SUMMARY_JSON, summary)
-    records.atomic_write_text(out_dir / SUMMARY_MD, "\n".join(md))
-    for file, figure in figures.items():
-        plots.save(figure, out_dir / file)
+    # Every figure drawn before anything is written, and the summary and figures written
+    # all or none: a run the figures cannot draw, or a disk that fills while they are
+    # written, leaves the previous summary and figures as they were, never a new summary
+    # beside old figures.
+    figures = {out_dir / file: plots.png(getattr(plots, name)(runs))
+               for name, file in FIGURES.items()}
+    records.atomic_write_files({out_dir / SUMMARY_JSON: records.json_bytes(summary),
+                                out_dir / SUMMARY_MD: "\n".join(md).encode("utf-8"),
+                                **figures})
     return summary
 
 

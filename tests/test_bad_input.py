@@ -621,6 +621,37 @@ def test_a_full_disk_during_the_report_is_one_line_naming_the_file(finished_stud
     assert snapshot(study) == before  # the summary and figures as they were, no temp file
 
 
+class _FillingOs(_FailingOs):
+    """records' view of `os`, where the disk fills during the `nth` file write."""
+
+    def __init__(self, error: BaseException, nth: int):
+        super().__init__(error)
+        self.left = nth
+
+    def fdopen(self, fd, *args, **kwargs):
+        self.left -= 1
+        f = os.fdopen(fd, *args, **kwargs)
+        return _FailingFile(f, self.error) if self.left == 0 else f
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_a_disk_that_fills_while_the_report_writes_its_figures_changes_nothing(
+        finished_study, tmp_path, monkeypatch, capsys):
+    """The summary was written before the figures: a disk that filled at a figure left the
+    new summary.json and summary.md beside the old figures. Now all or none: the second
+    figure (the fourth file) fails, and every file is as it was, no temporary file left."""
+    study = tmp_path / "study"
+    shutil.copytree(finished_study, study)
+    before = snapshot(study)
+    monkeypatch.setattr(records, "os", _FillingOs(disk_full(), nth=4))
+    assert report.main([str(study)]) == 2
+    err = capsys.readouterr().err
+    figure = study / report.FIGURES["confusion"]
+    assert err.splitlines() == [f"error: {os.strerror(errno.ENOSPC)} ({figure})"]
+    assert snapshot(study) == before
+
+
 # ---- closed standard streams ----
 
 @pytest.mark.mnist

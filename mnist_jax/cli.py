@@ -11,6 +11,7 @@ import math
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -262,6 +263,7 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
         # Orbax and tensorflow-datasets log their failures through absl before raising; the
         # one-line error below says the same, so their log lines would only repeat it.
         logging.getLogger("absl").setLevel(logging.CRITICAL)
+        _quiet_orbax_event_loops()
     try:
         with interrupts.handled():
             body()
@@ -286,6 +288,38 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def _quiet_orbax_event_loops() -> None:
+    """A checkpoint save or restore that fails (a full disk, an unreadable file) returns
+    its error while TensorStore's other reads and writes of it are still in flight: Orbax
+    has closed the asyncio loop that awaited them, so each one that finishes later raises
+    RuntimeError("Event loop is closed") in TensorStore's thread (printed as an unraisable
+    exception, anywhere around the one error line), and each later failure of them is
+    logged by asyncio as "Future exception was never retrieved". Both only repeat the
+    error the command reports: dropped (any other unraisable exception is printed)."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """Whether an unraisable exception is asyncio's refusal to schedule a callback on a
+    closed event loop (raised by BaseEventLoop._check_closed)."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return bool(frames) and frames[-1].name == "_check_closed" and (
+        Path(frames[-1].filename).parent.name == "asyncio")
 
 
 def _null_closed_std_streams() -> None:

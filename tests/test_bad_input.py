@@ -33,6 +33,7 @@ import pytest
 
 from mnist_jax import cli, records, report
 from mnist_jax.data import DATA_DIR_ENV
+from mnist_jax.errors import UserError
 
 from conftest import REPO
 
@@ -505,6 +506,50 @@ def test_out_of_device_memory_is_one_line_and_other_xla_errors_keep_their_traceb
         cli.run_main(raising(bug))
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         cli.run_main(raising(oom), debug=True)
+
+
+class _LateCallback:
+    """As TensorStore finishing a write (or read) of a checkpoint save that failed: it
+    schedules its callback on the asyncio loop Orbax awaited it on, and has closed."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def __del__(self):
+        self.loop.call_soon_threadsafe(print)
+
+
+class _BrokenDel:
+    def __del__(self):
+        raise ValueError("a bug in a __del__")
+
+
+def test_a_failed_checkpoint_save_prints_only_its_error_line(monkeypatch, capsys, caplog):
+    """A save onto a full disk printed 1 to 229 lines of "RuntimeError: Event loop is
+    closed" (unraisable, from TensorStore's threads) and asyncio's "Future exception was
+    never retrieved" around the one error line (reproduced on a 200 kB tmpfs). Those two
+    are dropped; any other unraisable exception still reaches the hook before."""
+    import asyncio
+    import gc
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+
+    def body():
+        loop = asyncio.new_event_loop()
+        lost = loop.create_future()
+        lost.set_exception(disk_full())  # a second write's failure, never awaited
+        loop.close()
+        late, broken = _LateCallback(loop), _BrokenDel()
+        del lost, late, broken
+        gc.collect()
+        raise UserError("cannot write checkpoint x/1: OSError: No space left on device")
+
+    assert cli.run_main(body) == 2
+    assert capsys.readouterr().err == ("error: cannot write checkpoint x/1: OSError: No "
+                                       "space left on device\n")
+    assert [str(u.exc_value) for u in seen] == ["a bug in a __del__"]
+    assert "never retrieved" not in caplog.text
 
 
 # ---- a disk that fills up during a write ----

@@ -188,11 +188,13 @@ def check_finite(diverged: list[tuple[str, list[int]]]) -> None:
                                f"diverging (summary.md says which): lower --learning-rate")
 
 
-def claim_out(args) -> records.RunDir:
+def claim_out(args, study: bool = False) -> records.RunDir:
     """The output folder, claimed for this process before anything else happens (data
     loading included): `--out`, new or empty, or with --resume the folder of an earlier
-    run; without --out a new `<default>/<date-time>` folder, unique even for runs started
-    in the same second. Use as a context manager; the claim ends with the process."""
+    run of the same kind of command (`study`: a study's, whose runs are its subfolders;
+    else one model's run, the folder itself); without --out a new `<default>/<date-time>`
+    folder, unique even for runs started in the same second. Use as a context manager;
+    the claim ends with the process."""
     if args.out is None:
         if args.resume:
             raise UserError("--resume needs --out, the folder of the run to continue")
@@ -203,17 +205,41 @@ def claim_out(args) -> records.RunDir:
             raise UserError(f"--out {path} is a file, not a folder")
         if args.resume and not (path / records.LOCK_FILE).exists():
             raise UserError(f"--resume: {path} holds no run to continue")
+        if args.resume and (problem := _made_by_the_other_command(path, args.prog, study)):
+            raise UserError(problem)
     except OSError as e:
         raise UserError(f"cannot use --out {path}: {e.strerror or e}") from None
     return records.RunDir(path, resume=args.resume, what="--out")
 
 
+def _made_by_the_other_command(path: Path, prog: str, study: bool) -> str | None:
+    """Why `prog` cannot resume `path`, if another kind of command made it: a study's
+    folder has study.json (written before anything else) and its runs in subfolders; one
+    model's run has its files (config.json first) at the top. None if it may."""
+    top = [name for name in records.RUN_CONTENTS if (path / name).exists()]
+    if study:
+        if top and not (path / study_files.STUDY_FILE).exists():
+            return (f"--resume: {path} holds one model's run ({top[0]} at its top, no "
+                    f"{study_files.STUDY_FILE}), not a study: {prog} cannot continue it; "
+                    f"resume it with the command that started it")
+        return None
+    runs = sorted(p.name for p in path.iterdir() if p.is_dir()
+                  and any((p / name).exists() for name in records.RUN_CONTENTS))
+    if (path / study_files.STUDY_FILE).exists() or (runs and not top):
+        held = (f"its {study_files.STUDY_FILE}" if (path / study_files.STUDY_FILE).exists()
+                else f"runs in {', '.join(runs)}")
+        return (f"--resume: {path} holds a study ({held}), not one model's run: {prog} "
+                f"cannot continue it; resume it with the study's command")
+    return None
+
+
 @contextlib.contextmanager
-def claimed_out(args, run_dirs: Callable[[Path], list[Path]]):
+def claimed_out(args, run_dirs: Callable[[Path], list[Path]], study: bool = False):
     """claim_out for the body of a training command, yielding the claimed RunDir. On an
     interrupt, the summary says how far `run_dirs(out)` got and the log says how to
-    resume, before the interrupt goes on to run_main."""
-    claim = claim_out(args)
+    resume, before the interrupt goes on to run_main. `study`: the command is a study's
+    (its runs are subfolders of --out), for claim_out's check on --resume."""
+    claim = claim_out(args, study=study)
     with claim as out:
         try:
             yield claim

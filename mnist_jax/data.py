@@ -65,12 +65,23 @@ class Splits(NamedTuple):
     test the test set (evaluated once per seed, on the restored best weights).
     validation "test": the notebook's protocol, train on all training images and select
     on the test set (val and test are the same images: the test figure is then optimistic).
+    `holdout_size` (None under "test") and `limit` say how they were made (make_splits),
+    so that a run's record can tell two slices with the same counts apart.
     """
 
     train: Arrays
     val: Arrays
     test: Arrays
     validation: str
+    holdout_size: int | None = None
+    limit: int | None = None
+
+    def record(self) -> dict:
+        """What config.json records of the data (and --resume compares): the protocol,
+        the holdout size and train limit, and the examples in each split."""
+        return {"validation": self.validation, "holdout_size": self.holdout_size,
+                "train_limit": self.limit, "train_examples": len(self.train.labels),
+                "val_examples": len(self.val.labels), "test_examples": len(self.test.labels)}
 
 
 def stratified_holdout(labels: np.ndarray, size: int, seed: int = HOLDOUT_SEED
@@ -114,7 +125,8 @@ def make_splits(dataset: Dataset, validation: str = "holdout",
     if limit is not None:
         small = max(limit // 6, 1)
         train, val, test = _take(train, slice(limit)), _take(val, slice(small)), _take(test, slice(small))
-    return Splits(train, val, test, validation)
+    return Splits(train, val, test, validation,
+                  holdout_size if validation == "holdout" else None, limit)
 
 
 def _take(arrays: Arrays, index) -> Arrays:

@@ -60,17 +60,17 @@ def check_same_settings(run_dir: str | os.PathLike, expected: dict, splits) -> N
     """Refuse (one line, naming the differences) a run folder whose config.json records
     other settings than `expected` (run.expected_settings: model, loss, optimizer,
     transform, steps, training protocol) or another data slice. Settings left "auto" are
-    not compared (the run recorded what they resolved to)."""
+    not compared (the run recorded what they resolved to); a setting its config.json does
+    not record (written by an earlier version) counts as None there."""
     path = Path(run_dir) / records.CONFIG_FILE
-    given = {**expected, "data": {"validation": splits.validation,
-                                  "train_examples": len(splits.train.labels),
-                                  "val_examples": len(splits.val.labels),
-                                  "test_examples": len(splits.test.labels)}}
+    if not os.path.lexists(path):
+        raise UserError(missing_config(run_dir))
+    given = {**expected, "data": splits.record()}
     try:
         saved = records.read_json(path)
         if not isinstance(saved, dict):
             raise TypeError(f"a JSON {type(saved).__name__}, not an object")
-        differences = [f"{key}: {_at(saved, key)!r} there, {value!r} now"
+        differences = [f"{key}: {_shown(saved, key)} there, {value!r} now"
                        for key, value in _leaves(records.json_roundtrip(given))
                        if value != "auto" and _at(saved, key) != value]
     except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
@@ -79,6 +79,22 @@ def check_same_settings(run_dir: str | os.PathLike, expected: dict, splits) -> N
     if differences:
         raise UserError(f"cannot resume {run_dir}: it was started with other settings "
                         f"({'; '.join(differences[:3])})")
+
+
+def missing_config(run_dir: str | os.PathLike) -> str:
+    """Why a started run without config.json cannot be resumed (or kept as finished)."""
+    held = [name for name in records.RUN_CONTENTS if (Path(run_dir) / name).exists()]
+    return (f"cannot resume {run_dir}: its {records.CONFIG_FILE} is missing, so the settings "
+            f"it was started with cannot be checked (it holds {', '.join(held)}); start it "
+            f"again in a new --out")
+
+
+def _shown(saved: dict, dotted: str) -> str:
+    """A saved setting as the refusal shows it: its value, or that it is not recorded."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        saved = saved.get(part) if isinstance(saved, dict) else None
+    return repr(saved[last]) if isinstance(saved, dict) and last in saved else "not recorded"
 
 
 def _leaves(tree: dict, prefix: str = ""):
@@ -118,14 +134,18 @@ class Recorder:
             records.write_json(self.out / records.CONFIG_FILE, description)
 
     def check_resumable(self, expected: dict, splits) -> None:
-        """Refuse to resume a finished run, or one started with other settings than
-        `expected` (run.expected_settings)."""
+        """Refuse to resume a finished run, one started with other settings than
+        `expected` (run.expected_settings), or one whose config.json is gone (its settings
+        cannot be checked). A folder holding none of a run's files starts afresh."""
         if self.out is None:
             return
         if is_finished(self.out):
             raise UserError(f"{self.out} holds a finished run: nothing to resume")
-        if (self.out / records.CONFIG_FILE).exists():  # else: stopped before writing anything
+        if os.path.lexists(self.out / records.CONFIG_FILE):
             check_same_settings(self.out, expected, splits)
+        elif any((self.out / name).exists() for name in records.RUN_CONTENTS):
+            raise UserError(missing_config(self.out))
+        # else: stopped before writing anything (config.json is the run's first file)
 
     def read_history(self) -> list[dict]:
         path = self.out / records.HISTORY_FILE if self.out is not None else None

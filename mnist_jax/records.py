@@ -24,6 +24,9 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "test_predictions.npz"  # each seed's test predictions, for the figures
+CHECKPOINTS_DIR = "checkpoints"
+# What a run folder holds once its run has started (config.json is written first).
+RUN_CONTENTS = (CONFIG_FILE, HISTORY_FILE, RESULT_FILE, PREDICTIONS_FILE, CHECKPOINTS_DIR)
 
 
 LOCK_FILE = ".lock"  # held (flock) by the process writing the folder; the kernel frees it

@@ -123,7 +123,8 @@ def main(variants: Mapping[str, Any], *, prog: str, description: str, title: str
 
     def run():
         train_config = cli.train_config(args)
-        with cli.claimed_out(args, lambda out: [out / name for name in spec.variants]) as claim:
+        with cli.claimed_out(args, lambda out: [out / name for name in spec.variants],
+                             study=True) as claim:
             run_study(variants, args, claim.path, spec=spec, train_config=train_config)
 
     return cli.run_main(run, debug=args.debug)

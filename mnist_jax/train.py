@@ -390,10 +390,7 @@ def run_description(run: Run, train_config: TrainConfig, name: str, splits: Spli
         "train": {**train_record(train_config, run.parts), "engine": run.epochs.engine,
                   "layout": run.epochs.layout, "mode": train_config.resolved_mode,
                   "seed_values": list(train_config.seed_values)},
-        "data": {"validation": splits.validation,
-                 "train_examples": len(splits.train.labels),
-                 "val_examples": len(splits.val.labels),
-                 "test_examples": len(splits.test.labels)},
+        "data": splits.record(),
         "versions": resources.package_versions(
             "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets"),
         "backend": jax.default_backend(),

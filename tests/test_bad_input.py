@@ -35,7 +35,7 @@ from mnist_jax import cli, records, report
 from mnist_jax.data import DATA_DIR_ENV
 from mnist_jax.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, SMALL_STUDY_FLAGS
 
 STUDY = "experiments.depth_study"
 TRAIN = "mnist_jax.train"
@@ -199,6 +199,14 @@ def len_half(raw: bytes) -> int:
 
 def write(name, content: bytes):
     return lambda run: (run / name).write_bytes(content)
+
+
+def remove_files(*names):
+    def alter(run: Path) -> None:
+        for name in names:
+            (run / name).unlink()
+
+    return alter
 
 
 def summary_json_a_folder(run: Path) -> None:
@@ -373,6 +381,35 @@ REPORT_CASES = [
          in_study(summary_json_a_folder), keep="{study}", study=True),
 ]
 
+# --resume of the finished study, or of its 3-conv run left unfinished (no result.json):
+# refused in one line, in this process, before any file changes (the data loads first,
+# for the rows that reach the settings or the history).
+def resumed(*extra):
+    return ("--data-dir", "{shared}", *SMALL_STUDY_FLAGS, *extra, "--resume", "--out", "{study}")
+
+
+RESUME_CASES = [
+    # The other command's folder: a study resumed into one model's run trained a new study
+    # there, and train --resume into a study trained a model at its top.
+    Case("resume-train-into-a-study", TRAIN, ("--resume", "--out", "{study}"),
+         "--resume: {study} holds a study (its study.json), not one model's run: "
+         "python -m mnist_jax.train cannot continue it", keep="{study}", study=True),
+    Case("resume-study-into-a-train-run", STUDY, ("--resume", "--out", "{study}/3conv"),
+         "--resume: {study}/3conv holds one model's run (config.json at its top, no "
+         "study.json), not a study", keep="{study}", study=True),
+    # No config.json, no resume: its settings (learning rate, patience, ...) were not
+    # checked, and the new config.json claimed the new ones for the whole run.
+    Case("resume-config-missing", STUDY, resumed(),
+         "cannot resume {study}/3conv: its config.json is missing, so the settings it was "
+         "started with cannot be checked (it holds history.csv, test_predictions.npz, "
+         "checkpoints)", in_study(remove_files(records.RESULT_FILE, records.CONFIG_FILE)),
+         keep="{study}", study=True),
+    # The counts under --train-limit are the same; the holdout images are not.
+    Case("resume-other-holdout-size", STUDY, resumed("--holdout-size", "4000"),
+         "cannot resume {study}/2conv: it was started with other settings "
+         "(data.holdout_size: 5000 there, 4000 now)", keep="{study}", study=True),
+]
+
 DOWNLOAD_CASES = [
     # No folder, nothing cached (HOME is the case's), no network here: the command says it
     # downloads before it waits, and fails within TIMEOUT_S (tensorflow-datasets alone
@@ -387,7 +424,7 @@ DOWNLOAD_CASES = [
 IN_PROCESS = [dataclasses.replace(c, in_process=True) for c in DATA_CASES + REPORT_CASES
               if not c.env]
 CASES = (FLAG_CASES + IN_PROCESS + [c for c in DATA_CASES if c.env] + OUT_CASES
-         + DOWNLOAD_CASES)
+         + [dataclasses.replace(c, in_process=True) for c in RESUME_CASES] + DOWNLOAD_CASES)
 
 
 def needs_mnist(case: Case) -> bool:
@@ -421,8 +458,9 @@ def run_in_process(module: str, args: list[str], capsys) -> subprocess.Completed
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder`, by relative path, with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes()
+    """Every file under `folder`, by relative path, with its bytes (a run's .lock: only
+    that it is there, as it names the last process to claim the folder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.name != records.LOCK_FILE else b""
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 

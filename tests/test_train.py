@@ -51,8 +51,8 @@ def test_fit_writes_the_run_and_restores_the_best_weights(splits, tmp_path):
         np.testing.assert_array_equal(a, b)
     config = json.loads((tmp_path / "run" / records.CONFIG_FILE).read_text())
     assert config["model"]["num_params"] == result.num_params and config["train"]["engine"] == "scan"
-    assert config["data"] == {"validation": "test", "train_examples": 500,
-                              "val_examples": 200, "test_examples": 200}
+    assert config["data"] == {"validation": "test", "holdout_size": None, "train_limit": None,
+                              "train_examples": 500, "val_examples": 200, "test_examples": 200}
     assert sum("epoch" in line and "val_acc" in line for line in lines) == len(history)
     # The test figure is the restored weights' on the test split (here = the val split).
     saved = json.loads((tmp_path / "run" / records.RESULT_FILE).read_text())["seeds"][0]
@@ -194,12 +194,17 @@ def test_every_training_flag_reaches_the_configs_and_the_splits(mnist_path):
     assert splits.validation == "test" and len(splits.train.labels) == 600
     assert len(splits.val.labels) == len(splits.test.labels) == 100
     np.testing.assert_array_equal(splits.val.images, splits.test.images)
+    # config.json records the slice, not only its counts (--resume compares it).
+    assert (splits.holdout_size, splits.limit) == (None, 600)
 
     splits = cli.load_splits(parser.parse_args(
         ["--data-dir", str(mnist_path), "--holdout-size", "1200"]))
     assert splits.validation == "holdout"
     assert [len(s.labels) for s in (splits.train, splits.val, splits.test)] == [58_800, 1_200,
                                                                                10_000]
+    assert splits.record() == {"validation": "holdout", "holdout_size": 1_200,
+                               "train_limit": None, "train_examples": 58_800,
+                               "val_examples": 1_200, "test_examples": 10_000}
 
 
 def test_resume_without_a_folder_is_a_fresh_start(splits):

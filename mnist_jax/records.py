@@ -216,8 +216,8 @@ def write_history(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
     """history.csv back as dicts of numbers (ints where whole, booleans as bool, blanks None).
-    A row with more or fewer fields than the header (a cut or damaged file) is a ValueError
-    naming its line."""
+    A row with more or fewer fields than the header (a cut or damaged file), or a field that
+    is not a number ("nan" and "inf" are), is a ValueError naming its line (and column)."""
     with open(path, newline="") as f:
         reader = csv.reader(f)
         try:
@@ -227,7 +227,12 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
                 if len(fields) != len(header):
                     raise ValueError(f"line {reader.line_num} has {len(fields)} fields, the "
                                      f"header {len(header)} (cut short or damaged)")
-                rows.append({k: _parse(v) for k, v in zip(header, fields)})
+                row = {k: _parse(v) for k, v in zip(header, fields)}
+                for key, value in row.items():
+                    if isinstance(value, str):
+                        raise ValueError(f"line {reader.line_num}: column {key} holds "
+                                         f"{value!r}, not a number")
+                rows.append(row)
         except csv.Error as e:  # not a ValueError: e.g. an unclosed quote
             raise ValueError(f"line {reader.line_num}: {e}") from None
     return rows

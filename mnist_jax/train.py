@@ -229,7 +229,7 @@ def resume_run(recorder: Recorder, seeds: list[SeedResult], states, best, monito
                      "without its epoch 1")
             raise UserError(f"cannot resume: {path} has seed {seed.seed}'s epoch "
                             f"{row['epoch']} {after}")
-        end_of_epoch(seed, row["epoch"], monitor, *replay_totals(row), 0, {})
+        end_of_epoch(seed, row["epoch"], monitor, *replay_totals(row, path), 0, {})
     for seed in seeds:  # a seed still training then has a row for every epoch up to `done`
         if seed.active and seed.epochs_run != done:
             missing = sorted({seed.epochs_run + 1, done})
@@ -245,8 +245,22 @@ def resume_run(recorder: Recorder, seeds: list[SeedResult], states, best, monito
     return done, states, best, history
 
 
-def replay_totals(row: dict):
-    """Totals that end_of_epoch turns back into `row`'s means (count 1: exact)."""
+def replay_totals(row: dict, path=records.HISTORY_FILE):
+    """Totals that end_of_epoch turns back into `row`'s means (count 1: exact). A row of
+    `path` that would replay as something it does not say is refused (UserError): a loss
+    or accuracy missing or not finite in an epoch not marked diverged (replayed, it would
+    mark the seed diverged, or move its best epoch, without a word), or an epoch marked
+    diverged whose losses are finite."""
+    where = f"cannot resume: {path} is damaged (seed {row['seed']}'s epoch {row['epoch']}"
+    diverged = row.get("diverged") is True
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        value = row.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} has no number in column {key})")
+        if not math.isfinite(value) and not diverged:
+            raise UserError(f"{where} has {key} {value}, but is not marked diverged)")
+    if diverged and all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
+        raise UserError(f"{where} is marked diverged, but its losses are finite)")
     one = lambda prefix: {"loss_sum": np.array([row[f"{prefix}_loss"]]),  # noqa: E731
                           "correct": np.array([row[f"{prefix}_accuracy"]]),
                           "count": np.array([1.0])}

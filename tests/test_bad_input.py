@@ -209,6 +209,30 @@ def remove_files(*names):
     return alter
 
 
+def history_field(seed: int, epoch: int, column: str, text: str):
+    """history.csv with `column` of `seed`'s `epoch` row replaced by `text`, as written."""
+    def alter(run: Path) -> None:
+        lines = (run / records.HISTORY_FILE).read_text().splitlines()
+        header = lines[0].split(",")
+        for i, line in enumerate(lines[1:], 1):
+            fields = line.split(",")
+            if (fields[header.index("seed")], fields[header.index("epoch")]) == (
+                    str(seed), str(epoch)):
+                fields[header.index(column)] = text
+                lines[i] = ",".join(fields)
+        (run / records.HISTORY_FILE).write_text("\n".join(lines) + "\n")
+
+    return alter
+
+
+def both(*alters):
+    def alter(run: Path) -> None:
+        for one in alters:
+            one(run)
+
+    return alter
+
+
 def summary_json_a_folder(run: Path) -> None:
     """{study}/summary.json (beside `run`) replaced by a folder holding a file."""
     summary = run.parent / report.SUMMARY_JSON
@@ -357,6 +381,10 @@ REPORT_CASES = [
           ("history-other-columns", records.HISTORY_FILE,
            write(records.HISTORY_FILE, b"a,b\n1,2\n"),
            "it has no column epoch, seed"),
+          # It said the folder did "not hold a run of this version".
+          ("history-not-a-number", records.HISTORY_FILE,
+           history_field(1, 1, "val_loss", "abc"),
+           "line 3: column val_loss holds 'abc', not a number"),
           ("predictions-truncated", records.PREDICTIONS_FILE,
            cut(records.PREDICTIONS_FILE, len_half), "File is not a zip file"),
           ("predictions-bytes-flipped", records.PREDICTIONS_FILE,
@@ -388,6 +416,7 @@ def resumed(*extra):
     return ("--data-dir", "{shared}", *SMALL_STUDY_FLAGS, *extra, "--resume", "--out", "{study}")
 
 
+UNFINISHED = remove_files(records.RESULT_FILE)
 RESUME_CASES = [
     # The other command's folder: a study resumed into one model's run trained a new study
     # there, and train --resume into a study trained a model at its top.
@@ -408,6 +437,17 @@ RESUME_CASES = [
     Case("resume-other-holdout-size", STUDY, resumed("--holdout-size", "4000"),
          "cannot resume {study}/2conv: it was started with other settings "
          "(data.holdout_size: 5000 there, 4000 now)", keep="{study}", study=True),
+    # A planted NaN was replayed as a divergence (or moved the best epoch) without a word.
+    Case("resume-history-nan", STUDY, resumed(),
+         "cannot resume: {study}/3conv/history.csv is damaged (seed 1's epoch 1 has "
+         "val_accuracy nan, but is not marked diverged)",
+         in_study(both(UNFINISHED, history_field(1, 1, "val_accuracy", "nan"))),
+         keep="{study}", study=True),
+    Case("resume-history-not-a-number", STUDY, resumed(),
+         "cannot resume: {study}/3conv/history.csv is damaged (line 3: column train_loss "
+         "holds 'abc', not a number)",
+         in_study(both(UNFINISHED, history_field(1, 1, "train_loss", "abc"))),
+         keep="{study}", study=True),
 ]
 
 DOWNLOAD_CASES = [

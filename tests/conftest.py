@@ -71,3 +71,15 @@ def small_study(mnist_path, tmp_path_factory) -> SimpleNamespace:
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     return SimpleNamespace(out=out, stdout=proc.stdout)
+
+
+# Fixtures that run a real study (tens of seconds each): a test that uses one belongs to
+# the full suite only, even where its `@pytest.mark.slow` was forgotten.
+SLOW_FIXTURES = {"small_study", "width_study"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import mnist_jax as mj
 
 from conftest import REPO
@@ -37,6 +39,7 @@ def test_the_documented_names_are_there_typed_and_documented():
     assert mj.fit is __import__("mnist_jax.train", fromlist=["fit"]).fit
 
 
+@pytest.mark.slow  # conftest.small_study: a real study in a subprocess
 def test_the_report_works_without_jax(small_study, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(small_study.out, study)

@@ -510,6 +510,7 @@ def finished_study(small_study) -> Path:
     return small_study.out
 
 
+@pytest.mark.slow  # most rows start the real command in a subprocess (about 3.5 s each)
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
 def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request, capsys, monkeypatch):
     # The real data: skips without it (fails in CI, which always has it).
@@ -548,6 +549,7 @@ def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request, capsys
         assert snapshot(kept) == before  # earlier results untouched, nothing added
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, error", [
     (TRAIN, ["--conv", "32,32,32,32"], "mnist_jax.errors.ConfigError: conv_features"),
     (STUDY, ["--data-dir", "{tmp}/nowhere"], "mnist_jax.errors.DataError: data folder"),
@@ -730,6 +732,7 @@ def test_a_failed_write_names_its_file_not_the_temporary_one(fail, tmp_path, mon
         assert (target / "notes.txt").read_text() == "kept\n"
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_a_full_disk_during_the_report_is_one_line_naming_the_file(finished_study, tmp_path,
                                                                      monkeypatch, capsys):
@@ -777,6 +780,7 @@ def test_a_disk_that_fills_while_the_report_writes_its_figures_changes_nothing(
 
 # ---- closed standard streams ----
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_a_run_with_stdout_closed_is_a_clean_run(mnist_path, tmp_path):
     """`... >&-`: Python leaves sys.stdout None, and the first log line ended the run in an
@@ -794,6 +798,7 @@ def test_a_run_with_stdout_closed_is_a_clean_run(mnist_path, tmp_path):
     assert (out / records.LOCK_FILE).read_text().strip().isdigit()  # the pid, nothing else
 
 
+@pytest.mark.slow
 def test_a_refusal_with_stderr_closed_still_exits_2(tmp_path):
     """`... 2>&-`: the error line has nowhere to go (print(file=None) would have sent it to
     stdout), but the status still says it."""

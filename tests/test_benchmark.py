@@ -18,6 +18,9 @@ from mnist_jax.train import init_state
 
 from conftest import REPO
 
+# The benchmark command in a subprocess, and Keras: the full suite only.
+pytestmark = pytest.mark.slow
+
 
 def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,

@@ -62,6 +62,7 @@ def _result(out, name):
     return {s["seed"]: s for s in records.read_json(out / name / records.RESULT_FILE)["seeds"]}
 
 
+@pytest.mark.slow  # a real depth study, in this process
 def test_every_seed_diverging_is_a_failed_study_never_a_comparison(mnist_path, tmp_path,
                                                                     capfd):
     """The probe's command: --learning-rate 1e9 sends every seed of both models to NaN in
@@ -114,6 +115,7 @@ def test_every_seed_diverging_is_a_failed_study_never_a_comparison(mnist_path, t
         assert (out / figure).stat().st_size > 0
 
 
+@pytest.mark.slow  # a real depth study, in this process
 def test_a_seed_lost_in_epoch_1_is_left_out_and_one_lost_later_keeps_its_best(
         mnist_path, tmp_path, capfd, monkeypatch):
     """The depth study, 3 seeds, 2 epochs: 2conv's seed 1 diverges in epoch 1 (no result),

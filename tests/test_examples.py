@@ -16,6 +16,9 @@ from mnist_jax.config import TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.train import fit
 
+# Every example trains through fit(): the full suite only.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def splits():

@@ -27,7 +27,8 @@ from mnist_jax.recorder import LATEST_DIR
 
 from conftest import REPO, SMALL_STUDY_FLAGS
 
-pytestmark = pytest.mark.mnist
+# Every test here runs the real commands in subprocesses: the full suite only.
+pytestmark = [pytest.mark.mnist, pytest.mark.slow]
 
 # Two seeds of a small model on 480 images, 3 epochs: every code path of a long run, in
 # seconds. Patience 1 lets seeds stop at different epochs.

@@ -24,6 +24,7 @@ def _epochs(tiny, seed, seeds, layout, epochs=2):
     return states, history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, exact", [("sequential", True), ("vmap", False), ("map", False)])
 def test_seed_i_of_a_k_seed_run_is_the_one_seed_run_with_seed_i(tiny, layout, exact):
     """Sequential: bit for bit (the same compiled program). vmap: XLA batches the seeds'
@@ -46,6 +47,7 @@ def test_seed_i_of_a_k_seed_run_is_the_one_seed_run_with_seed_i(tiny, layout, ex
                               states.params["conv0"]["kernel"][1])  # seeds differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, engine_", [("sequential", "scan"), ("vmap", "scan"),
                                              ("map", "scan"), ("sequential", "loop")])
 def test_an_epoch_in_chunks_is_the_epoch_in_one_call(tiny, layout, engine_):
@@ -77,8 +79,11 @@ def test_an_epoch_in_chunks_is_the_epoch_in_one_call(tiny, layout, engine_):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("layout, engine_", [("sequential", "scan"), ("vmap", "scan"),
-                                             ("map", "scan"), ("sequential", "loop")])
+# The quick tier (-m "not slow") keeps the CPU default, sequential seeds on the scan engine.
+@pytest.mark.parametrize("layout, engine_", [
+    ("sequential", "scan"), pytest.param("vmap", "scan", marks=pytest.mark.slow),
+    pytest.param("map", "scan", marks=pytest.mark.slow),
+    pytest.param("sequential", "loop", marks=pytest.mark.slow)])
 def test_epochs_after_the_first_compile_nothing(tiny, layout, engine_):
     """fit()'s epoch (train chunks, validation, keeping the best) compiles in epoch 1 only;
     later epochs, one with a seed stopped, reuse the programs (no retrace per epoch)."""
@@ -119,7 +124,8 @@ def _keras_stop_epoch(values, patience):
     return None
 
 
-@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
+@pytest.mark.parametrize("layout", ["sequential", pytest.param("vmap", marks=pytest.mark.slow),
+                                    pytest.param("map", marks=pytest.mark.slow)])
 def test_each_seed_stops_where_keras_would_and_stays_frozen(tiny, layout):
     splits = data.make_splits(tiny, "test")
     # On val_loss: the synthetic data's accuracy reaches 1.0 in the same epoch for every

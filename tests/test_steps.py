@@ -81,6 +81,7 @@ def _two_epochs(tiny, engine_name, seed=0):
     return state, out, train_epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["scan", "loop"])
 def test_same_seed_same_result_bit_for_bit(tiny, engine_name):
     a, totals_a, _ = _two_epochs(tiny, engine_name)
@@ -93,6 +94,7 @@ def test_same_seed_same_result_bit_for_bit(tiny, engine_name):
     assert not _leaves_equal(a.params, c.params)
 
 
+@pytest.mark.slow
 def test_scan_and_loop_engines_train_the_same(tiny):
     a, totals_a, _ = _two_epochs(tiny, "scan")
     b, totals_b, _ = _two_epochs(tiny, "loop")
@@ -101,6 +103,7 @@ def test_scan_and_loop_engines_train_the_same(tiny):
     np.testing.assert_allclose(totals_a[1]["loss_sum"], totals_b[1]["loss_sum"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_epochs_shuffle_differently_and_resume_from_the_state_alone(tiny):
     """The epoch's order derives from (rng, epoch): epoch 2 differs from epoch 1, and a
     state carried through a host round trip continues exactly."""
@@ -120,13 +123,14 @@ def test_epochs_shuffle_differently_and_resume_from_the_state_alone(tiny):
     assert _leaves_equal(s_direct.params, s_resumed.params)
 
 
-@pytest.mark.parametrize("engine_name", ["scan", "loop"])
+@pytest.mark.parametrize("engine_name", ["scan", pytest.param("loop", marks=pytest.mark.slow)])
 def test_epochs_compile_once(tiny, engine_name):
     _, _, train_epoch = _two_epochs(tiny, engine_name)
     jitted = train_epoch.step_fn
     assert jitted._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_another_loss_swaps_in_without_editing_the_library(tiny):
     def squared_error(logits, labels, params=None):
         return jnp.sum((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 10)) ** 2, -1)
@@ -197,6 +201,7 @@ def test_adam_matches_keras_itself():
     np.testing.assert_allclose(np.asarray(w), keras.ops.convert_to_numpy(var), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_data_is_the_whole_data(tiny):
     _, state = init_state(SMALL, TrainConfig(seed=0))
     split = engine.to_device(*tiny.train)

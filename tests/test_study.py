@@ -93,6 +93,7 @@ def width_study(mnist_path, tmp_path_factory):
     return out, stdout.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_the_width_study_writes_what_it_is_and_compares_every_pair(width_study):
     out, stdout = width_study
@@ -120,6 +121,7 @@ def _redraw(folder: Path) -> dict:
     return json.loads((folder / report.SUMMARY_JSON).read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_a_redraw_takes_order_and_reference_from_the_study_not_the_folder_names(
         width_study, tmp_path):
@@ -154,6 +156,7 @@ def _summary_of(folder: Path) -> dict:
     return report.build_summary(runs, read_spec(folder))
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_one_run_is_not_titled_as_the_depth_study_and_has_no_empty_sentence(width_study,
                                                                              tmp_path):
@@ -166,6 +169,7 @@ def test_one_run_is_not_titled_as_the_depth_study_and_has_no_empty_sentence(widt
     assert "****" not in md and "third convolution" not in md
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_resuming_another_study_in_the_folder_is_refused_in_one_line(width_study, tmp_path,
                                                                      capsys):
@@ -181,6 +185,7 @@ def test_resuming_another_study_in_the_folder_is_refused_in_one_line(width_study
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_the_depth_study_writes_what_it_is_with_the_notebooks_rows(small_study):
     assert json.loads((small_study.out / STUDY_FILE).read_text()) == {

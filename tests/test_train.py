@@ -77,7 +77,8 @@ def test_fit_stops_early_by_keras_rules_and_restores_the_best_epoch(splits, tmp_
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("layout", ["sequential", "vmap", "map"])
+@pytest.mark.parametrize("layout", ["sequential", pytest.param("vmap", marks=pytest.mark.slow),
+                                    pytest.param("map", marks=pytest.mark.slow)])
 def test_each_seed_gets_its_own_best_weights_back(splits, tmp_path, layout):
     """Three seeds whose best epochs differ: each seed's returned state, best checkpoint
     and test figures are its own best epoch's, not another seed's or the last epoch's.
@@ -111,6 +112,7 @@ def test_fit_refuses_a_used_run_folder(splits, tmp_path):
     assert (tmp_path / "history.csv").read_text() == "epoch\n1\n"
 
 
+@pytest.mark.slow
 def test_report_from_files(splits, tmp_path):
     for name, conv in (("a", (8, 8)), ("b", (8, 8, 8))):
         fit(ModelConfig(conv_features=conv, dense_features=(16,)), TrainConfig(epochs=2, seeds=2),
@@ -135,6 +137,7 @@ def _run(*args, cwd=REPO):
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_depth_study_end_to_end_on_tiny_real_data(small_study, tmp_path):
     out = tmp_path / "study"  # conftest.small_study: 3 seeds, 2 epochs, 960 images
@@ -234,6 +237,7 @@ def test_report_refuses_damaged_or_missing_files_in_one_line(tmp_path):
         report.read_run(run)
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_same_seed_same_files_across_processes(mnist_path, tmp_path):
     """Bit-identical results from two separate processes, not only within one."""

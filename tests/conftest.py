@@ -16,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from mnist_jax import data  # noqa: E402
+from mnist_jax import data, interrupts  # noqa: E402
 
 # Exact float32 products wherever the tests run: on recent GPUs JAX's default is TF32,
 # which would break the float32 tolerances of the equivalence tests.
@@ -31,6 +31,15 @@ def mnist_dir() -> Path | None:
     env = os.environ.get(data.DATA_DIR_ENV)
     candidate = Path(env) if env else SHARED_MNIST
     return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(autouse=True)
+def no_signal_left_pending():
+    """A test that sends itself SIGINT or SIGTERM (test_interrupts) leaves the request in
+    mnist_jax.interrupts, and the next fit() in this process would stop at its first
+    check(). Cleared after every test: each test starts as a fresh process would."""
+    yield
+    interrupts._requested = None
 
 
 @pytest.fixture(scope="session")

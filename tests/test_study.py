@@ -130,7 +130,11 @@ def test_a_redraw_takes_order_and_reference_from_the_study_not_the_folder_names(
     shutil.copytree(out, study)
     written = json.loads((study / report.SUMMARY_JSON).read_text())
     (study / report.SUMMARY_JSON).unlink()
+    # A run folder copied into the study (named to sort first) is not one of its variants:
+    # it neither joins the summary nor becomes the reference.
+    shutil.copytree(study / "w16", study / "a_copy")
     assert _redraw(study) == written  # w32 the reference, though w16 sorts first
+    shutil.rmtree(study / "a_copy")
 
     # Another order and reference, in study.json alone: the report follows it. (The
     # summary as the redraw builds it, without drawing the figures again.)

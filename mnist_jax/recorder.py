@@ -153,7 +153,9 @@ class Recorder:
             return []
         try:
             return records.read_history(path)
-        except (ValueError, OSError) as e:
+        except OSError as e:  # permissions, an I/O error: unreadable, not damaged
+            raise UserError(f"cannot resume: {path} cannot be read ({e.strerror or e})") from None
+        except ValueError as e:
             raise UserError(f"cannot resume: {path} is damaged ({e})") from None
 
     def latest(self, like_states, like_best):

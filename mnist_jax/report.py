@@ -71,7 +71,9 @@ def read_run(run_dir: str | Path) -> dict:
             raise UserError(f"{run_dir} is not a finished run: {name} is missing")
         try:
             run[key] = read(path)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        except OSError as e:  # permissions, an I/O error: unreadable, not damaged
+            raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             # damaged JSON, CSV or npz
             raise UserError(f"{path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                             ) from None

@@ -365,6 +365,10 @@ REPORT_CASES = [
            in_study(lambda run, name=name: (run / name).unlink()), keep="{study}", study=True)
       for name in (records.RESULT_FILE, records.HISTORY_FILE, records.CONFIG_FILE,
                    records.PREDICTIONS_FILE)],
+    Case("report-history-unreadable", REPORT, ("{study}",),
+         "{study}/3conv/history.csv cannot be read ("
+         + os.strerror(errno.EIO if os.geteuid() == 0 else errno.EACCES) + ")",
+         in_study(unreadable(records.HISTORY_FILE)), keep="{study}", study=True),
     *[Case(f"report-{id}", REPORT, ("{study}",), f"{{study}}/3conv/{name} is damaged: {expect}",
            in_study(alter), keep="{study}", study=True)
       for id, name, alter, expect in [
@@ -443,6 +447,12 @@ RESUME_CASES = [
          "val_accuracy nan, but is not marked diverged)",
          in_study(both(UNFINISHED, history_field(1, 1, "val_accuracy", "nan"))),
          keep="{study}", study=True),
+    # An unreadable file (permissions, an I/O error) is not called damaged.
+    Case("resume-history-unreadable", STUDY, resumed(),
+         "cannot resume: {study}/3conv/history.csv cannot be read ("
+         + os.strerror(errno.EIO if os.geteuid() == 0 else errno.EACCES) + ")",
+         in_study(both(UNFINISHED, unreadable("history.csv"))),
+         keep="{study}", study=True),
     Case("resume-history-not-a-number", STUDY, resumed(),
          "cannot resume: {study}/3conv/history.csv is damaged (line 3: column train_loss "
          "holds 'abc', not a number)",
@@ -499,8 +509,13 @@ def run_in_process(module: str, args: list[str], capsys) -> subprocess.Completed
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder`, by relative path, with its bytes (a run's .lock: only
-    that it is there, as it names the last process to claim the folder)."""
-    return {str(p.relative_to(folder)): p.read_bytes() if p.name != records.LOCK_FILE else b""
+    that it is there, as it names the last process to claim the folder; a symbolic link,
+    which an unreadable file is made of: where it points)."""
+    def content(p: Path) -> bytes:
+        if p.is_symlink():
+            return f"-> {os.readlink(p)}".encode()
+        return p.read_bytes() if p.name != records.LOCK_FILE else b""
+    return {str(p.relative_to(folder)): content(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 

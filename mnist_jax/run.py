@@ -89,9 +89,9 @@ def describe_optimizer(parts: Parts, opt_state) -> dict:
                 "as Keras' epsilon (steps.adam)",
                 "learning_rate": hyper["learning_rate"], "b1": hyper["b1"], "b2": hyper["b2"],
                 "epsilon": steps.KERAS_ADAM["epsilon"]}
+    hyper = _hyperparams(opt_state)
     return {"name": parts.tx_name or "unnamed optax transformation",
-            "state": _state_types(opt_state),
-            **({"hyperparams": _hyperparams(opt_state)} if _hyperparams(opt_state) else {})}
+            "state": _state_types(opt_state), **({"hyperparams": hyper} if hyper else {})}
 
 
 def _state_types(state) -> list[str]:
@@ -220,9 +220,9 @@ def expected_settings(model, train_config: TrainConfig, parts: Parts | None = No
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params["params"])
     opt_state = parts.optimizer(train_config.learning_rate).init(zeros)
     given = model if isinstance(model, ModelConfig) else getattr(model, "config", None)
-    fields = ({"config": to_dict(given)} if isinstance(given, ModelConfig)
-              else describe(module, zeros)["fields"])
-    return {"model": {"class": describe(module, zeros)["class"], "fields": fields},
+    record = describe(module, zeros)
+    fields = {"config": to_dict(given)} if isinstance(given, ModelConfig) else record["fields"]
+    return {"model": {"class": record["class"], "fields": fields},
             **parts.describe(opt_state),
             "train": train_record(train_config, parts)}
 

@@ -253,14 +253,20 @@ def _step(train_step, state, totals, split, order, mask, i, constrain=lambda bat
 
 
 def scan_epoch(batch_size: int, train_step: Callable = steps.train_step) -> Callable:
-    """The pure epoch, `(state, split) -> (state, totals)`: every step in one loop, no jit
-    inside (make_train_epoch compiles it)."""
-    chunk = run_steps(train_step)
+    """The pure epoch, `(state, split) -> (state, totals)`: its order and every step in one
+    `lax.scan` of static length, no jit inside. The epoch as one program, the form the
+    chunks replaced: the benchmark times it beside them (--epoch-mode scan), and a test
+    checks the chunks compute the same bits."""
 
     def train_epoch(state, split):
         order, mask = epoch_order(state, split.labels.shape[0], batch_size)
         totals = zero_totals(train_step, state, split, batch_size, 1)
-        return chunk(state, totals, split, order, mask, 0, order.shape[0])
+
+        def body(carry, _):
+            return _run_step(train_step, *carry, split, order, mask), None
+
+        (state, totals), _ = jax.lax.scan(body, (state, totals), None, length=order.shape[0])
+        return state, totals
 
     return train_epoch
 

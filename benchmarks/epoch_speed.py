@@ -3,6 +3,8 @@
     python -m benchmarks.epoch_speed --data-dir ../shared/mnist
     python -m benchmarks.epoch_speed --data-dir ../shared/mnist --frameworks jax --seeds 1,3
     python -m benchmarks.epoch_speed --tiny          # synthetic data, seconds: checks it runs
+    python -m benchmarks.epoch_speed --data-dir ../shared/mnist --frameworks jax \
+        --conv 256,256 --train-limit 2000 --epoch-mode chunked,one-call,scan   # wide models
 
 A benchmark, not a test: it asserts nothing and its numbers depend on the machine and on
 whatever else runs on it (the load average is recorded at start and end).
@@ -19,9 +21,16 @@ ModelConfig(conv_features=(32, 32, 64)), the rest of each config the notebook's 
   (benchmarks/keras_reference.py), one `model.fit(x, y, batch_size=..., epochs=1,
   validation_data=(xt, yt), shuffle=True)` call per epoch (the call's own overhead
   included). Keras runs on the CPU: TensorFlow is told to use no GPU.
-Each contestant (JAX at each seed count, Keras) gets one warm-up epoch per variant, then
---epochs timed epochs; the rounds alternate JAX and Keras (and which one goes first) so
-drifting load hits both alike.
+`--conv 256,256` adds a variant with those conv widths (the rest the notebook's), and
+`--train-limit N` trains on the first N training images and validates on the first N // 6
+test images (as data.make_splits' limit does): wide models are slow on a CPU.
+`--epoch-mode chunked,one-call,scan` times the JAX epoch three ways side by side: as fit()
+runs it (TrainConfig.epoch_chunks calls of one compiled chunk program: `jax`), as one call
+of that program over every step (`jax-1call`), and as the former single program, one
+`lax.scan` of static length over the epoch (engine.scan_epoch: `jax-scan`).
+Each contestant (JAX at each seed count and epoch mode, Keras) gets one warm-up epoch per
+variant, then --epochs timed epochs; the rounds alternate the contestants (and which one
+goes first) so drifting load hits all alike.
 Models and states live across rounds, so every timed epoch continues the same training.
 
 Prints a markdown table and writes everything (per-epoch times, metrics, memory, machine
@@ -115,16 +124,29 @@ class JaxRun:
     steps: int = 0  # training steps per epoch, all seeds together (the bar's total)
 
 
+# How a JAX contestant runs its epoch: contestant name suffix -> (chunks, bar). None: fit()'s
+# TrainConfig.epoch_chunks; WHOLE_SCAN: the epoch as one lax.scan program (engine.scan_epoch).
+WHOLE_SCAN = "scan"
+MODES = {"": (None, False), "+bar": (None, True), "-1call": (1, False),
+         "-scan": (WHOLE_SCAN, False)}
 # --progress: the epoch with fit()'s progress bar, and as one call, beside the plain epoch
-# (TrainConfig.epoch_chunks calls, no bar). Contestant name suffix -> (chunks, bar).
-PROGRESS_MODES = {"": (None, False), "+bar": (None, True), "-1call": (1, False)}
+# (TrainConfig.epoch_chunks calls, no bar).
+PROGRESS_MODES = ("", "+bar", "-1call")
+# --epoch-mode: the flag's names for the modes above.
+EPOCH_MODES = {"chunked": "", "one-call": "-1call", "scan": "-scan"}
 
 
 def variant_config(variant: str, args) -> ModelConfig:
-    """The variant's ModelConfig with the formulations --conv-impl and --pool-impl ask for
-    (they change how XLA computes the JAX model, not the function; Keras ignores them)."""
-    return dataclasses.replace(VARIANTS[variant], conv_impl=args.conv_impl,
+    """The variant's ModelConfig (VARIANTS, or a --conv width) with the formulations
+    --conv-impl and --pool-impl ask for (they change how XLA computes the JAX model, not
+    the function; Keras ignores them)."""
+    return dataclasses.replace(args.models[variant], conv_impl=args.conv_impl,
                                pool_impl=args.pool_impl)
+
+
+def conv_variant(features: tuple[int, ...]) -> tuple[str, ModelConfig]:
+    """A --conv variant: its name (conv256-256) and the notebook's model with those widths."""
+    return "conv" + "-".join(map(str, features)), ModelConfig(conv_features=features)
 
 
 def train_config(args, seeds: int = 1, chunks: int | None = None,
@@ -140,9 +162,13 @@ def train_config(args, seeds: int = 1, chunks: int | None = None,
 def build_jax_run(model_config: ModelConfig, seeds: int, args, dataset,
                   mode: str = "", devices: int = 1) -> JaxRun:
     """The project's own wiring, exactly as fit() builds it (train.build_run), its data
-    placed as fit() places it (on one device, or replicated over the run's mesh)."""
-    chunks, bar = PROGRESS_MODES[mode]
-    run = build_run(model_config, train_config(args, seeds, chunks, devices))
+    placed as fit() places it (on one device, or replicated over the run's mesh); in the
+    "-scan" mode, its training epoch replaced by the former single program."""
+    chunks, bar = MODES[mode]
+    whole = chunks == WHOLE_SCAN
+    run = build_run(model_config, train_config(args, seeds, 1 if whole else chunks, devices))
+    if whole:
+        run.epochs = whole_scan_epochs(run.epochs, args.batch_size, run.parts.training_step())
     place = run.epochs.placement
     splits = (place.to_device(*dataset.train), place.to_device(*dataset.test))
     return JaxRun(seeds, run, run.states, splits[0], splits[1],
@@ -150,21 +176,57 @@ def build_jax_run(model_config: ModelConfig, seeds: int, args, dataset,
                   seeds * engine.steps_per_epoch(splits[0].size, args.batch_size))
 
 
+def whole_scan_epochs(epochs: engine.Epochs, batch_size: int, train_step) -> engine.Epochs:
+    """`epochs` with its training epoch run as the epoch was before it was split into
+    chunks: one compiled `lax.scan` of static length over the epoch's steps per seed
+    (engine.scan_epoch, the state donated), the seeds one after another. Sequential layout
+    only, every seed active (the benchmark's case); `on_chunk` hears of each seed's epoch
+    once it has finished, as the chunked epoch reports each chunk."""
+    if epochs.layout != "sequential" or epochs.engine != "scan":
+        raise UserError(f"--epoch-mode scan times the sequential layout on the scan engine, "
+                        f"not {epochs.layout} on {epochs.engine}")
+    epoch = jax.jit(engine.scan_epoch(batch_size, train_step), donate_argnums=0)
+
+    def train(states, split, active, on_chunk=None):
+        if not all(active):
+            raise ValueError("the whole-scan epoch trains every seed")
+        results = []
+        for i in range(engine.seed_count(states)):
+            results.append(epoch(engine.seed_slice(states, i), split))
+            if on_chunk is not None:
+                jax.block_until_ready(results[-1][1]["count"])
+                on_chunk(engine.steps_per_epoch(split.size, batch_size))
+        return (engine.stack_seeds([s for s, _ in results]),
+                engine.stack_seeds([t for _, t in results]))
+
+    return epochs._replace(train=train)
+
+
 def time_jax_epoch(jr: JaxRun) -> dict:
     """One fit() epoch (train + validation of every seed), timed up to the host holding
     both sets of totals: train.run_epoch, the function fit() calls (with its progress
-    bars when `jr.bar`)."""
+    bars when `jr.bar`). `train_seconds`: up to the trained states being ready (the
+    validation, the same in every epoch mode, is the rest)."""
     # fit()'s own chunk callback: it waits for each chunk (one chunk late) and checks for
     # an interrupt, with the bars drawn or not.
     bars = Progress("bench", 1, enabled=jr.bar)
+    trained = {}
+
+    def train(*args, **kwargs):
+        out = jr.run.epochs.train(*args, **kwargs)
+        jax.block_until_ready(out)  # one wait more than fit(): a host round trip
+        trained["at"] = time.perf_counter()
+        return out
+
     start = time.perf_counter()
     jr.states, train_totals, val_totals = run_epoch(
-        jr.run.epochs, jr.states, jr.train_split, jr.val_split, [True] * jr.seeds,
-        on_chunk=bars.epoch_started(1, jr.steps))
+        jr.run.epochs._replace(train=train), jr.states, jr.train_split, jr.val_split,
+        [True] * jr.seeds, on_chunk=bars.epoch_started(1, jr.steps))
     seconds = time.perf_counter() - start  # the validation totals need the final states
     bars.close()
     # Seed 0's metrics: the same seed at every seed count, so runs can be compared.
-    return {"seconds": seconds, **engine.per_seed_means("train", train_totals)[0],
+    return {"seconds": seconds, "train_seconds": trained["at"] - start,
+            **engine.per_seed_means("train", train_totals)[0],
             **engine.per_seed_means("val", val_totals)[0]}
 
 
@@ -207,10 +269,11 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
     jax_runs: dict[tuple[str, str], JaxRun] = {}
     keras_models: dict[str, Any] = {}
     k_train, k_test = keras_arrays(dataset) if keras is not None else (None, None)
-    modes = tuple(PROGRESS_MODES) if args.progress else ("",)
+    modes = tuple(dict.fromkeys([*(EPOCH_MODES[m] for m in args.epoch_modes),
+                                 *(PROGRESS_MODES if args.progress else ())]))
     jax_contestants = {contestant_name(k, m, d): (k, m, d) for d in args.devices
                        for k in args.seeds for m in modes
-                       if not m or (k == 1 and d == 1)}  # --progress: one seed, one device
+                       if not m or (k == 1 and d == 1)}  # other modes: one seed, one device
     contestants = list(jax_contestants) if "jax" in args.frameworks else []
     contestants += ["keras"] if keras is not None else []
 
@@ -228,8 +291,11 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
         row = {"variant": variant, "framework": contestant, "seeds": seeds, "phase": phase,
                "round": round_, **row, "rss_mb": rss_mb()}
         epochs.append(row)
-        progress(f"{phase:>7} {round_:>2} {variant} {contestant:<12} {row['seconds']:8.2f} s  "
-                 f"val_acc {row['val_accuracy']:.4f}  rss {row['rss_mb']:,.0f} MB")
+        row["load_average"] = os.getloadavg()[0]
+        train_s = f" (train {row['train_seconds']:.2f} s)" if "train_seconds" in row else ""
+        progress(f"{phase:>7} {round_:>2} {variant} {contestant:<12} {row['seconds']:8.2f} s"
+                 f"{train_s}  val_acc {row['val_accuracy']:.4f}  rss {row['rss_mb']:,.0f} MB  "
+                 f"load {row['load_average']:.2f}")
         return row
 
     for variant in args.variants:
@@ -279,6 +345,7 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
         else:
             jr = jax_runs[variant, contestant]
             peaks = [r["device_peak_mb"] for r in rows if r["device_peak_mb"] is not None]
+            train = [r["train_seconds"] for r in rows if r["phase"] == "timed"]
             model, ev = jr.run.model.config, jr.run.eval_model.config
             stats.update(
                 compile_s=first["seconds"] - median,
@@ -287,6 +354,9 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
                 timed_backend_compiles=sum(r["backend_compiles"] for r in rows
                                            if r["phase"] == "timed"),
                 device_peak_mb=max(peaks) if peaks else None,
+                train_median_s=statistics.median(train), train_min_s=min(train),
+                train_max_s=max(train),
+                load_average_timed=[r["load_average"] for r in rows if r["phase"] == "timed"],
                 num_params=jr.num_params, engine=jr.run.epochs.engine,
                 layout=jr.run.epochs.layout, conv_impl=model.conv_impl,
                 pool_impl=model.pool_impl, eval_conv_impl=ev.conv_impl,
@@ -307,6 +377,8 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
             elif contestant.startswith("jax") and contestant != "jax":
                 out[contestant]["ratio_over_jax"] = (out[contestant]["median_s"]
                                                      / out["jax"]["median_s"])
+                out[contestant]["train_ratio_over_jax"] = (out[contestant]["train_median_s"]
+                                                           / out["jax"]["train_median_s"])
     return out
 
 
@@ -343,7 +415,8 @@ def versions() -> dict:
 
 def format_table(summary: dict, on_gpu: bool) -> str:
     head = ["variant", "framework", "seeds", "median s/epoch", "min s", "max s", "images/s",
-            "compile s", "first epoch s", "jax/keras", "x one seed", "x jax", "peak RSS MB"]
+            "compile s", "first epoch s", "median train s", "jax/keras", "x one seed", "x jax",
+            "train x jax", "peak RSS MB"]
     if on_gpu:
         head.append("JAX device peak MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -357,9 +430,11 @@ def format_table(summary: dict, on_gpu: bool) -> str:
                      f"{s['min_s']:.2f}", f"{s['max_s']:.2f}", f"{s['images_per_s']:,.0f}",
                      f"{s['compile_s']:.2f}" if "compile_s" in s else "-",
                      f"{s['first_epoch_s']:.2f}",
+                     f"{s['train_median_s']:.2f}" if "train_median_s" in s else "-",
                      f"{ratio:.2f}" if ratio is not None and contestant == "jax" else "",
                      f"{over_one:.2f}" if over_one is not None else "",
                      f"{s['ratio_over_jax']:.3f}" if "ratio_over_jax" in s else "",
+                     f"{s['train_ratio_over_jax']:.3f}" if "train_ratio_over_jax" in s else "",
                      f"{s['rss_mb_peak']:,.0f}"]
             if on_gpu:
                 peak = s.get("device_peak_mb")
@@ -394,6 +469,9 @@ def notes(report: dict) -> list[str]:
         lines.append("jax/keras < 1: the JAX epoch is faster")
     lines.append("x one seed: the K-seed epoch's median over the one-seed epoch's (K: no "
                  "faster than seeds one after another; 1: the extra seeds cost nothing)")
+    lines.append("x jax, train x jax: the epoch's and its training's median over those of "
+                 f"the plain epoch (jax: {s['epoch_chunks']} chunks); -1call: one call of the "
+                 "chunk program; -scan: the epoch as one lax.scan program")
     lines.append("peak RSS: the whole process's (every framework and variant in it), "
                  "sampled after each epoch")
     return lines
@@ -417,6 +495,10 @@ def variant_list(text: str) -> tuple[str, ...]:
     return _choice_list(text, tuple(VARIANTS), "variants")
 
 
+def epoch_mode_list(text: str) -> tuple[str, ...]:
+    return _choice_list(text, tuple(EPOCH_MODES), "epoch modes")
+
+
 def _choice_list(text: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
     values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
     bad = [v for v in values if v not in choices]
@@ -437,8 +519,21 @@ def parse_args(argv):
     parser.add_argument("--tiny", action="store_true",
                         help=f"synthetic data ({TINY_TRAIN} train / {TINY_TEST} test) and "
                              f"{TINY_EPOCHS} timed epochs: checks the benchmark runs")
-    parser.add_argument("--variants", type=variant_list, default=tuple(VARIANTS),
-                        help="comma-separated: 2conv,3conv (default: both)")
+    parser.add_argument("--variants", type=variant_list, default=None,
+                        help="comma-separated: 2conv,3conv (default: both, none with --conv)")
+    parser.add_argument("--conv", type=cli.int_tuple, action="append", default=[],
+                        metavar="W1,W2,...",
+                        help="also time the notebook's model with these conv widths, e.g. "
+                             "256,256 (variant conv256-256); repeatable")
+    parser.add_argument("--train-limit", type=cli.positive_int, default=None, metavar="N",
+                        help="train on the first N training images and validate on the first "
+                             "N // 6 test images (at least 1), as data.make_splits' limit")
+    parser.add_argument("--epoch-mode", dest="epoch_modes", type=epoch_mode_list,
+                        default=("chunked",),
+                        help="comma-separated: how JAX runs its epoch: chunked (fit()'s "
+                             f"{TrainConfig().epoch_chunks} calls of one compiled chunk), one-call "
+                             "(that program called once), scan (the former single lax.scan "
+                             "program); timed side by side, one seed (default: chunked)")
     parser.add_argument("--frameworks", type=framework_list, default=FRAMEWORKS,
                         help="comma-separated: jax,keras (default: both)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
@@ -470,9 +565,22 @@ def parse_args(argv):
                         help="where to write the results (default: "
                              "benchmarks/results/epoch_speed-<backend>[-tiny].json)")
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = () if args.conv else tuple(VARIANTS)
+    args.models = {v: VARIANTS[v] for v in args.variants}
+    args.models.update(conv_variant(features) for features in args.conv)
+    args.variants = tuple(args.models)
     if args.epochs is None:
         args.epochs = TINY_EPOCHS if args.tiny else DEFAULT_EPOCHS
     return args
+
+
+def limited(dataset: data_lib.Dataset, limit: int) -> data_lib.Dataset:
+    """The first `limit` training images and the first limit // 6 (at least 1) test images,
+    as data.make_splits' limit takes them."""
+    small = max(limit // 6, 1)
+    return data_lib.Dataset(data_lib.Arrays(*(a[:limit] for a in dataset.train)),
+                            data_lib.Arrays(*(a[:small] for a in dataset.test)))
 
 
 def main(argv=None) -> int:
@@ -489,11 +597,14 @@ def main(argv=None) -> int:
                     raise UserError("no framework left to time")
         if args.tiny:
             dataset = data_lib.synthetic(num_train=TINY_TRAIN, num_test=TINY_TEST)
-            data_desc = f"synthetic {TINY_TRAIN} train / {TINY_TEST} test (--tiny)"
         else:
             dataset = data_lib.load_mnist(args.data_dir, name="--data-dir")
-            data_desc = (f"MNIST {len(dataset.train.labels):,} train / "
-                         f"{len(dataset.test.labels):,} test")
+        if args.train_limit is not None:
+            dataset = limited(dataset, args.train_limit)
+        data_desc = (f"{'synthetic' if args.tiny else 'MNIST'} {len(dataset.train.labels):,} "
+                     f"train / {len(dataset.test.labels):,} test"
+                     + (" (--tiny)" if args.tiny else "")
+                     + (f" (--train-limit {args.train_limit})" if args.train_limit else ""))
         suffix = "-tiny" if args.tiny else ""
         path = Path(args.json) if args.json else (
             RESULTS_DIR / f"epoch_speed-{jax.default_backend()}{suffix}.json")
@@ -515,6 +626,8 @@ def main(argv=None) -> int:
                          "epochs": args.epochs, "warmup_epochs": 1, "seed": SEED,
                          "engine": args.engine, "layout": args.layout,
                          "seeds": list(args.seeds), "progress": args.progress,
+                         "epoch_modes": list(args.epoch_modes), "train_limit": args.train_limit,
+                         "conv": [list(c) for c in args.conv],
                          "epoch_chunks": TrainConfig().epoch_chunks, "conv_impl": args.conv_impl,
                          "pool_impl": args.pool_impl, "variants": list(args.variants),
                          "frameworks": list(args.frameworks),

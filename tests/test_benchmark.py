@@ -101,3 +101,36 @@ def test_keras_reference_imports_keras_only_when_used():
             "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
     proc = _run("-c", code)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_benchmark_times_the_epoch_modes_side_by_side():
+    """--conv adds a model of those widths, --train-limit takes the first images, and
+    --epoch-mode times fit()'s chunked epoch, one call and the former single scan in one
+    run: the same epochs (every mode trains the same bits), each with its training time."""
+    args = epoch_speed.parse_args(["--tiny", "--frameworks", "jax", "--conv", "4,6",
+                                   "--train-limit", "96", "--epoch-mode",
+                                   "chunked,one-call,scan", "--epochs", "1"])
+    assert args.variants == ("conv4-6",)  # no default variants beside a --conv one
+    dataset = epoch_speed.limited(data.synthetic(num_train=640, num_test=320), 96)
+    assert [len(a.labels) for a in dataset] == [96, 16]  # as make_splits' limit
+    summary, epochs = epoch_speed.run_benchmark(args, dataset, None)
+    result = summary["conv4-6"]
+    assert [c for c in result if isinstance(result[c], dict)] == ["jax", "jax-1call", "jax-scan"]
+    state = jax.eval_shape(lambda: init_state(ModelConfig(conv_features=(4, 6)), TrainConfig())[1])
+    assert result["jax-scan"]["num_params"] == count_params(state.params)
+    for mode in ("jax-1call", "jax-scan"):
+        assert result[mode]["train_ratio_over_jax"] > 0 and result[mode]["ratio_over_jax"] > 0
+    for phase, round_ in (("warmup", 0), ("timed", 1)):
+        rows = [r for r in epochs if (r["phase"], r["round"]) == (phase, round_)]
+        assert len(rows) == 3
+        for row in rows:
+            assert 0 < row["train_seconds"] <= row["seconds"]
+            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+                assert row[key] == rows[0][key], (phase, row["framework"], key)
+
+
+def test_benchmark_refuses_an_unknown_epoch_mode(capsys):
+    with pytest.raises(SystemExit):
+        epoch_speed.parse_args(["--tiny", "--epoch-mode", "chunked,fori"])
+    assert "epoch modes must be a comma-separated subset of chunked,one-call,scan" in (
+        capsys.readouterr().err)

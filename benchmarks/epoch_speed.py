@@ -279,6 +279,7 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
 
     def timed_epoch(variant, contestant, phase, round_):
         mark = watch.snapshot()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         if contestant == "keras":
             row = time_keras_epoch(keras_models[variant], k_train, k_test, train_config(args))
             seeds = 1
@@ -288,13 +289,20 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
             row.update(watch.since(mark))
             row["device_peak_mb"] = jax_device_peak_mb()
             seeds = jr.seeds
+        after = resource.getrusage(resource.RUSAGE_SELF)
         row = {"variant": variant, "framework": contestant, "seeds": seeds, "phase": phase,
-               "round": round_, **row, "rss_mb": rss_mb()}
+               "round": round_, **row, "rss_mb": rss_mb(),
+               # The process's own CPU time and page faults in the epoch: what other
+               # processes on a shared machine change far less than the wall time.
+               "cpu_seconds": (after.ru_utime + after.ru_stime
+                               - usage.ru_utime - usage.ru_stime),
+               "minor_faults": after.ru_minflt - usage.ru_minflt,
+               "load_average": os.getloadavg()[0]}
         epochs.append(row)
-        row["load_average"] = os.getloadavg()[0]
         train_s = f" (train {row['train_seconds']:.2f} s)" if "train_seconds" in row else ""
         progress(f"{phase:>7} {round_:>2} {variant} {contestant:<12} {row['seconds']:8.2f} s"
-                 f"{train_s}  val_acc {row['val_accuracy']:.4f}  rss {row['rss_mb']:,.0f} MB  "
+                 f"{train_s}  cpu {row['cpu_seconds']:.1f} s  faults {row['minor_faults']:,}  "
+                 f"val_acc {row['val_accuracy']:.4f}  rss {row['rss_mb']:,.0f} MB  "
                  f"load {row['load_average']:.2f}")
         return row
 
@@ -338,6 +346,10 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
             "rss_mb_peak": max(r["rss_mb"] for r in rows),
             "final_val_accuracy": rows[-1]["val_accuracy"],
             "first_epoch_s": first["seconds"],
+            "cpu_median_s": statistics.median(r["cpu_seconds"] for r in rows
+                                              if r["phase"] == "timed"),
+            "minor_faults_median": statistics.median(r["minor_faults"] for r in rows
+                                                     if r["phase"] == "timed"),
         }
         if contestant == "keras":
             stats.update(num_params=keras_model.count_params(),
@@ -379,6 +391,8 @@ def summarize_variant(variant, contestants, epochs, jax_runs, keras_model, n_tra
                                                      / out["jax"]["median_s"])
                 out[contestant]["train_ratio_over_jax"] = (out[contestant]["train_median_s"]
                                                            / out["jax"]["train_median_s"])
+                out[contestant]["cpu_ratio_over_jax"] = (out[contestant]["cpu_median_s"]
+                                                         / out["jax"]["cpu_median_s"])
     return out
 
 
@@ -415,8 +429,8 @@ def versions() -> dict:
 
 def format_table(summary: dict, on_gpu: bool) -> str:
     head = ["variant", "framework", "seeds", "median s/epoch", "min s", "max s", "images/s",
-            "compile s", "first epoch s", "median train s", "jax/keras", "x one seed", "x jax",
-            "train x jax", "peak RSS MB"]
+            "compile s", "first epoch s", "median train s", "median CPU s", "jax/keras",
+            "x one seed", "x jax", "train x jax", "CPU x jax", "peak RSS MB"]
     if on_gpu:
         head.append("JAX device peak MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -431,10 +445,12 @@ def format_table(summary: dict, on_gpu: bool) -> str:
                      f"{s['compile_s']:.2f}" if "compile_s" in s else "-",
                      f"{s['first_epoch_s']:.2f}",
                      f"{s['train_median_s']:.2f}" if "train_median_s" in s else "-",
+                     f"{s['cpu_median_s']:.2f}",
                      f"{ratio:.2f}" if ratio is not None and contestant == "jax" else "",
                      f"{over_one:.2f}" if over_one is not None else "",
                      f"{s['ratio_over_jax']:.3f}" if "ratio_over_jax" in s else "",
                      f"{s['train_ratio_over_jax']:.3f}" if "train_ratio_over_jax" in s else "",
+                     f"{s['cpu_ratio_over_jax']:.3f}" if "cpu_ratio_over_jax" in s else "",
                      f"{s['rss_mb_peak']:,.0f}"]
             if on_gpu:
                 peak = s.get("device_peak_mb")
@@ -469,8 +485,10 @@ def notes(report: dict) -> list[str]:
         lines.append("jax/keras < 1: the JAX epoch is faster")
     lines.append("x one seed: the K-seed epoch's median over the one-seed epoch's (K: no "
                  "faster than seeds one after another; 1: the extra seeds cost nothing)")
-    lines.append("x jax, train x jax: the epoch's and its training's median over those of "
-                 f"the plain epoch (jax: {s['epoch_chunks']} chunks); -1call: one call of the "
+    lines.append("CPU s: the process's CPU time in the epoch (user + system; less moved by "
+                 "other processes than the wall time)")
+    lines.append("x jax, train x jax, CPU x jax: the epoch's, its training's and its CPU "
+                 f"time's median over those of the plain epoch (jax: {s['epoch_chunks']} chunks); -1call: one call of the "
                  "chunk program; -scan: the epoch as one lax.scan program")
     lines.append("peak RSS: the whole process's (every framework and variant in it), "
                  "sampled after each epoch")

@@ -3,6 +3,7 @@
     python -m benchmarks.roofline                      # both variants, the processor at hand
     python -m benchmarks.roofline --variants 2conv --steps 100 --top 15
     XLA_FLAGS=... python -m benchmarks.roofline --json /tmp/x.json   # try a flag
+    python -m benchmarks.roofline --compete            # and with one competing process
 
 For each variant (benchmarks.epoch_speed.VARIANTS: 2conv, 3conv) it builds the run as fit()
 does (run.build_run: the training formulation "auto" resolves to, the engine and its
@@ -11,18 +12,24 @@ compiled chunk program, batch 32) and:
   every instruction of the compiled HLO (`as_text()`): its result and operand shapes, and
   FLOPs counted as XLA's HloCostAnalysis does (2*M*N*K per dot, one per element per
   elementwise op, one per input element of a reduction, recursing into fusions);
-  bytes moved are the operands plus the result of each top-level op (a fusion reads its
-  operands once), so they are an upper bound where a fusion reads a slice of an operand.
+  bytes moved are the operands plus the result of each top-level op (a fusion reads each
+  operand once; one it only slices or gathers from counts as the slices), an upper bound
+  where an op's operands stay in the cache from the op before.
   The step's totals are checked against `compiled.cost_analysis()` (printed beside them).
-- times `--steps` steps without the profiler (the step's wall time), then again under
-  `jax.profiler.trace`: XLA:CPU's thunk executor records each op it runs with its HLO
-  name, so each op's time per step is its events' summed duration / steps. Two threads
-  may run independent ops at once, so the ops' sum may differ from the wall time.
+- times `--steps` steps without the profiler (the step's wall time, and the process's CPU
+  time), then again under `jax.profiler.trace`: XLA:CPU's thunk executor records each op
+  it runs with its HLO name, so each op's time per step is its events' summed duration /
+  steps. Two threads may run independent ops at once, so the ops' sum may differ from the
+  wall time. Eigen's dots run asynchronously (their event is the launch only): those are
+  timed alone, the same dot_general on the same shapes (marked * in the table).
 - measures the processor's own floors: a 2048x2048 float32 matmul's GFLOP/s (XLA, the
-  best of several) and a 256 MB copy's GB/s (numpy, read plus write), and beside them an
-  XLA elementwise op over the same 256 MB and a copy of a 4 MB array (cache-resident,
-  the size of the step's tensors). Each op's floor is max(FLOPs / matmul rate, bytes /
-  copy rate), and `x floor` is its time over that.
+  best of several) and copies' GB/s (numpy, read plus write) of 256 MB (memory) and of
+  1 MB (source and copy in the last-level cache, like most of the step's tensors); the
+  memory floor takes the faster. Each op's floor is max(FLOPs / matmul rate, bytes /
+  copy rate), and `x floor` is its time over that. An XLA elementwise op over 256 MB is
+  measured beside them.
+- with --compete, times the step again alternately with and without one competing
+  CPU-bound process (a Python busy loop) and reports the slowdown.
 
 Prints a markdown table per variant and writes every figure to --json (default
 benchmarks/results/roofline-<processor tag>.json). A benchmark, not a test: it asserts
@@ -40,6 +47,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,8 +218,8 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
         end = _balanced("(" + rest, 0) - 1
         operands = re.findall(r"%([\w.\-]+)", rest[:end - 1])
         instructions[m.group(1)] = {"type": type_text, "opcode": opcode,
-                                    "operands": operands, "attrs": rest[end:],
-                                    "computation": current}
+                                    "operands": operands, "args": rest[:end - 1],
+                                    "attrs": rest[end:], "computation": current}
         computations[current].append(m.group(1))
     return instructions, computations
 
@@ -253,21 +261,80 @@ def op_flops(name: str, instructions: dict, computations: dict) -> tuple[float, 
     return 0.0, 0.0
 
 
+SLICING = {"slice", "dynamic-slice", "gather"}
+
+
+def operand_bytes(name: str, instructions: dict, computations: dict) -> int:
+    """Bytes a top-level op reads: each operand once, except an operand that a fusion
+    only slices or gathers from, which counts as the slices it takes (the batch gathered
+    from the whole dataset, one of nine slices of a gradient)."""
+    ins = instructions[name]
+    called = (_attr(ins["attrs"], "calls") or "").lstrip("%")
+    body = computations.get(called, []) if ins["opcode"] == "fusion" else []
+    params = {instructions[p]["args"].strip(): p for p in body
+              if instructions[p]["opcode"] == "parameter"}
+    total = 0
+    for index, operand in enumerate(ins["operands"]):
+        if operand not in instructions:
+            continue
+        full = nbytes(instructions[operand]["type"])
+        sliced = _sliced_reads(params.get(str(index)), body, instructions)
+        total += full if sliced is None else min(full, sliced)
+    return total
+
+
+def _sliced_reads(value: str | None, body: list, instructions: dict) -> int | None:
+    """Bytes the slices of `value` take, through bitcasts; None if anything else reads it."""
+    if value is None:
+        return None
+    users = [u for u in body if value in instructions[u]["operands"]]
+    if not users:
+        return None
+    total = 0
+    for user in users:
+        op = instructions[user]["opcode"]
+        if op in SLICING and instructions[user]["operands"][0] == value:
+            total += nbytes(instructions[user]["type"])
+        elif op == "bitcast":
+            inner = _sliced_reads(user, body, instructions)
+            if inner is None:
+                return None
+            total += inner
+        else:
+            return None
+    return total
+
+
 def op_record(name: str, instructions: dict, computations: dict) -> dict:
     ins = instructions[name]
     flops, trans = op_flops(name, instructions, computations)
-    moved = nbytes(ins["type"]) + sum(nbytes(instructions[o]["type"]) for o in ins["operands"]
-                                      if o in instructions)
-    meta = re.search(r'op_name="([^"]*)"', ins["attrs"])
-    source = meta.group(1) if meta else ""
-    source = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", source)
+    moved = nbytes(ins["type"]) + operand_bytes(name, instructions, computations)
+    source = _source(ins["attrs"])
+    called = (_attr(ins["attrs"], "calls") or "").lstrip("%")
+    inner = [_source(instructions[i]["attrs"]) for i in computations.get(called, [])
+             if instructions[i]["opcode"] not in NO_THUNK]
+    layers = [m.group(1) for m in (LAYER.search(t) for t in [source, *inner]) if m]
     kind = ins["opcode"]
     if kind == "fusion":
         fk = re.search(r'"kind":"(\w+)"', ins["attrs"]) or re.search(r"kind=(\w+)", ins["attrs"])
         kind = f"fusion:{fk.group(1)}" if fk else kind
     return {"op": name, "kind": kind, "shape": SHAPE.search(ins["type"]).group(0)
             if SHAPE.search(ins["type"]) else ins["type"][:40],
-            "flops": flops, "transcendentals": trans, "bytes": moved, "source": source}
+            "flops": flops, "transcendentals": trans, "bytes": moved, "source": source,
+            # where the fused instructions come from: the backward if any is transposed,
+            # and the layer most of them name (a fusion may join two layers' work)
+            "backward": any("transpose(" in t for t in [source, *inner]),
+            "layer": max(set(layers), key=layers.count) if layers else None,
+            "layers": sorted(set(layers))}
+
+
+LAYER = re.compile(r"/(conv\d+|dense\d+|logits|Dropout_\d+)/")
+
+
+def _source(attrs: str) -> str:
+    """The JAX source of an instruction (its op_name), less the program and loop prefix."""
+    meta = re.search(r'op_name="([^"]*)"', attrs)
+    return re.sub(r"^jit\([^)]*\)/(while/body/)?", "", meta.group(1)) if meta else ""
 
 
 # ------------------------------------------------------------------ the step, measured
@@ -323,7 +390,36 @@ def profile_ops(call, steps: int) -> tuple[dict, float]:
     return {k: (seconds[k], counts[k]) for k in seconds}, wall
 
 
-def measure_variant(name: str, steps: int, repeats: int) -> dict:
+def time_steps(call, steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of one call of `steps` steps."""
+    start, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(call())
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def contention(call, steps: int, repeats: int) -> dict:
+    """The step's wall time with one competing CPU-bound process (a Python busy loop, as
+    another user's job would be) and without, alternating round by round."""
+    times = {"alone": [], "competing": []}
+    for r in range(repeats):
+        for mode in (("alone", "competing") if r % 2 == 0 else ("competing", "alone")):
+            rival = (subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                     if mode == "competing" else None)
+            try:
+                if rival:
+                    time.sleep(0.3)  # let the scheduler place it
+                times[mode].append(time_steps(call, steps)[0])
+            finally:
+                if rival:
+                    rival.kill()
+                    rival.wait()
+    alone, competing = (statistics.median(times[m]) for m in ("alone", "competing"))
+    return {"step_ms_alone": 1e3 * alone, "step_ms_competing": 1e3 * competing,
+            "slowdown": competing / alone, "rounds": repeats,
+            "raw_ms": {m: [1e3 * t for t in v] for m, v in times.items()}}
+
+
+def measure_variant(name: str, steps: int, repeats: int, compete: bool = False) -> dict:
     """The variant's step as fit() runs it: its compiled program, timed and profiled."""
     run = build_run(VARIANTS[name], TrainConfig(seed=0))
     state = engine.seed_slice(run.states, 0)
@@ -356,12 +452,9 @@ def measure_variant(name: str, steps: int, repeats: int) -> dict:
     instructions, computations = parse_hlo(compiled.as_text())
 
     jax.block_until_ready(call())  # warm-up
-    walls = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        walls.append((time.perf_counter() - start) / steps)
+    walls, cpus = zip(*(time_steps(call, steps) for _ in range(repeats)))
     per_op, profiled_wall = profile_ops(call, steps)
+    competed = contention(call, steps, repeats) if compete else None
 
     ops = []
     for op, (seconds, count) in per_op.items():
@@ -386,12 +479,16 @@ def measure_variant(name: str, steps: int, repeats: int) -> dict:
         "variant": name, "model": run.model.config.__repr__(), "engine": run.epochs.engine,
         "steps": steps, "repeats": repeats,
         "step_ms_median": 1e3 * statistics.median(walls), "step_ms_min": 1e3 * min(walls),
+        # the process's CPU time (all its threads): what the step costs the machine, and
+        # beside the wall time, how much of the processors the step got under load
+        "step_cpu_ms_median": 1e3 * statistics.median(cpus),
         "step_ms_profiled": 1e3 * profiled_wall / steps,
         "ops_ms_sum": 1e3 * sum(r["seconds"] for r in ops),
         "flops_per_step": body_flops, "bytes_per_step": sum(r["bytes"] for r in ops),
         "xla_cost_analysis": {"flops": cost.get("flops"),
                               "bytes_accessed": cost.get("bytes accessed"),
                               "note": "one step of the loop body plus the chunk's own ops"},
+        "contention": competed,
         "ops": ops,
     }
 
@@ -406,14 +503,13 @@ def floor_seconds(record: dict, floors: dict) -> float:
 def group_of(record: dict) -> str:
     """What an op does, in a few words, from its kind and the JAX source it came from."""
     src = record["source"]
-    layer = re.search(r"(conv\d+|dense\d+|logits|Dropout)", src)
-    direction = "bwd" if "transpose(" in src else "fwd"
-    if layer:
-        return f"{direction} {layer.group(1)}"
-    if "relu" in src or re.search(r"/(max|reduce_max|reduce_sum|select_n|convert_element_type|"
-                                  r"slice)$", src):
-        return f"{direction} relu / pool"
-    return "other (loss, optimizer, gather, loop)" if "jvp" not in src else f"{direction} other"
+    direction = "bwd" if record["backward"] else "fwd"
+    if record["layer"]:
+        return f"{direction} {record['layer']}"
+    if "jvp" not in src:
+        return "other (loss, optimizer, gather, loop)"
+    return f"{direction} relu / pool" if re.search(r"relu|max|reduce_sum|select_n|convert_element_type|slice",
+                                                  src) else f"{direction} other"
 
 
 def markdown(result: dict, floors: dict, top: int) -> str:
@@ -432,8 +528,10 @@ def markdown(result: dict, floors: dict, top: int) -> str:
             continue
         t = r["seconds"]
         src = r["source"].split("/")[-1]
+        what = (" + ".join(r["layers"]) if len(r["layers"]) > 1 else
+                group_of(r)) + f" {src}"
         lines.append(
-            f"| {r['op']}{'*' if r['timed'] == 'alone' else ''} | {group_of(r)} {src} | {r['kind']} | {r['shape']} | "
+            f"| {r['op']}{'*' if r['timed'] == 'alone' else ''} | {what} | {r['kind']} | {r['shape']} | "
             f"{r['per_step']:.0f} | {r['flops'] / 1e6:.2f} | {r['bytes'] / MB:.2f} | "
             f"{t * 1e6:.0f} | {r['flops'] / t / 1e9 if t else 0:.1f} | "
             f"{r['bytes'] / t / 1e9 if t else 0:.1f} | {floor * 1e6:.0f} | "
@@ -450,19 +548,23 @@ def markdown(result: dict, floors: dict, top: int) -> str:
             g[k] += r[k]
         g["n"] += 1
     total = sum(g["seconds"] for g in groups.values())
-    lines += ["", "| layer (fwd: forward and its linearization, bwd: transposed) | ops | MFLOP | "
+    lines += ["", "| layer (fwd: forward and its linearization, bwd: transposed; a fusion counts "
+              "for the layer most of its instructions name: a conv's bias add names it, ReLU and "
+              "pooling name none) | ops | MFLOP | "
               "MB moved | µs | share | floor µs | x floor |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["seconds"]):
         floor = floor_seconds(g, floors)
+        ratio = f"{g['seconds'] / floor:.1f}" if floor > 1e-6 else "-"
         lines.append(f"| {name} | {g['n']} | {g['flops'] / 1e6:.2f} | {g['bytes'] / MB:.2f} | "
                      f"{g['seconds'] * 1e6:.0f} | {g['seconds'] / total:.0%} | {floor * 1e6:.0f} | "
-                     f"{g['seconds'] / floor if floor else 0:.1f} |")
+                     f"{ratio} |")
     fl = result["flops_per_step"] / (floors["matmul_gflops"] * 1e9)
     by = result["bytes_per_step"] / (floors["memory_gbs"] * 1e9)
     step = result["step_ms_median"] / 1e3
     lines += ["",
               f"Step: {result['step_ms_median']:.2f} ms median ({result['step_ms_min']:.2f} "
-              f"min) over {result['repeats']} x {result['steps']} steps; under the profiler "
+              f"min) over {result['repeats']} x {result['steps']} steps, "
+              f"{result['step_cpu_ms_median']:.2f} ms of CPU time; under the profiler "
               f"{result['step_ms_profiled']:.2f} ms, ops' own time summed "
               f"{result['ops_ms_sum']:.2f} ms (* timed alone: Eigen runs it asynchronously). "
               f"{result['flops_per_step'] / 1e6:.1f} MFLOP "
@@ -472,6 +574,11 @@ def markdown(result: dict, floors: dict, top: int) -> str:
               f"memory {by * 1e3:.2f} ms (at {floors['memory_gbs']:.1f} GB/s); "
               f"the step is {step / max(fl, by):.1f}x the larger, "
               f"{step / (fl + by):.1f}x their sum."]
+    if result.get("contention"):
+        c = result["contention"]
+        lines.append(f"With one competing CPU-bound process: {c['step_ms_competing']:.2f} ms per "
+                     f"step against {c['step_ms_alone']:.2f} ms without it (medians of "
+                     f"{c['rounds']} alternating rounds): x{c['slowdown']:.2f}.")
     return "\n".join(lines)
 
 
@@ -482,6 +589,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="steps per timed call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant")
     parser.add_argument("--top", type=int, default=20, help="ops listed (the rest summed)")
+    parser.add_argument("--compete", action="store_true",
+                        help="also time the step with one competing CPU-bound process, "
+                             "alternating with rounds without it")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -493,7 +603,7 @@ def main(argv=None) -> int:
     tag = processor_tag(flags)
     load_start = list(os.getloadavg())
     floors = measure_floors()
-    results = [measure_variant(v, args.steps, args.repeats) for v in variants]
+    results = [measure_variant(v, args.steps, args.repeats, args.compete) for v in variants]
     floors_end = measure_floors()
     machine = {"processor": cpu_model(), "tag": tag, **flags, "cpus": os.cpu_count(),
                "load_average_start": load_start, "load_average_end": list(os.getloadavg()),

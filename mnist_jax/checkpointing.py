@@ -22,6 +22,7 @@ Plain Orbax reads a checkpoint back without this module (nested dicts and lists 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -43,7 +44,7 @@ def _latest_only_manager(directory: Path) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(directory, options=options)
     except Exception as e:  # OSError, or Orbax refusing the folder
         raise CheckpointError(f"cannot create checkpoint folder {directory}: "
-                              f"{_detail(e)}") from None
+                              f"{_describe(e)}") from None
 
 
 def _save(manager: ocp.CheckpointManager, directory: Path, epoch: int, args,
@@ -54,11 +55,31 @@ def _save(manager: ocp.CheckpointManager, directory: Path, epoch: int, args,
         manager.wait_until_finished()
     except Exception as e:  # OSError, or Orbax/TensorStore's own error types
         raise CheckpointError(f"cannot write checkpoint {directory / str(epoch)}: "
-                              f"{type(e).__name__}: {_detail(e)}") from None
+                              f"{_describe(e)}") from None
 
 
-def _detail(e: Exception) -> str:
-    return getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0]
+# TensorStore's annotations at the end of its messages: [os_error_code='28'],
+# [source locations='...'], [tensorstore_spec='{...}'] (a JSON spec of 2,000 characters).
+_ANNOTATION = re.compile(r"\s*\[[a-z_ ]+='[^']*'\]")
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def _describe(e: BaseException) -> str:
+    """`Type: what went wrong`, one short line. An OS error by its name ("OSError: No space
+    left on device"), also where TensorStore wraps it (a full disk, a file size limit) in a
+    line naming Orbax's hidden temporary files and its spec; otherwise the first line
+    without TensorStore's annotations, from the error Orbax wrapped when its own message
+    ends in a TensorStore object's repr ("See full TensorStore details: <bound method")."""
+    while ("See full TensorStore details" in str(e)
+           and (e.__cause__ or e.__context__) is not None):
+        e = e.__cause__ or e.__context__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{type(e).__name__}: {e.strerror}"
+    text = (str(e).splitlines() or [""])[0]
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+        return f"OSError: {os.strerror(int(code.group(1)))}"
+    return f"{type(e).__name__}: {_ANNOTATION.sub('', text)}"
 
 
 class BestCheckpoint:
@@ -134,8 +155,7 @@ class LatestCheckpoint:
                 best=ocp.args.StandardRestore(abstract(like_best))))
         except Exception as e:  # unreadable, or another model's shapes
             raise CheckpointError(f"cannot resume from {self.directory / str(epoch)}: "
-                                  f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-                                  ) from None
+                                  f"{_describe(e)}") from None
         return epoch, restored["states"], restored["best"]
 
     def close(self) -> None:
@@ -158,8 +178,7 @@ def restore_state(directory: str | os.PathLike, epoch: int, like, *, manager=Non
         raise
     except Exception as e:  # Orbax raises many types for unreadable or mismatched files
         raise CheckpointError(f"cannot restore epoch {epoch} from {directory}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                              ) from None
+                              f"{_describe(e)}") from None
     finally:
         if own and manager is not None:
             manager.close()

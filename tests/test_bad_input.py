@@ -58,6 +58,7 @@ class Case:
     # The command's main(argv) in this process (its flags fail before any file or data is
     # touched; the same main and run_main as `python -m`, without 3.5 s of start-up).
     in_process: bool = False
+    absent: tuple[str, ...] = ()  # words the error line must not hold (advice that is wrong)
 
     def param(self):
         return pytest.param(self, id=self.id, marks=self.marks)
@@ -321,12 +322,15 @@ DATA_FOLDERS = [
                                             "train-labels-idx1-ubyte.gz")),
      "train-images-idx3-ubyte.gz " + CHECKSUM, False),
 ]
+# A folder that was given (by flag or variable) is never answered with advice to give one.
+GIVEN = ("pass --data-dir", "offline")
 DATA_CASES = [
     *[Case(f"data-dir-{id}", STUDY, ("--data-dir", "{data}", "--out", "{new}"),
-           expect.replace("{source}", "--data-dir"), make)
+           expect.replace("{source}", "--data-dir"), make, absent=GIVEN)
       for id, make, expect, _ in DATA_FOLDERS],
     *[Case(f"data-env-{id}", STUDY, ("--out", "{new}"),
-           expect.replace("{source}", f"${DATA_DIR_ENV}"), make, env={DATA_DIR_ENV: "{data}"})
+           expect.replace("{source}", f"${DATA_DIR_ENV}"), make, env={DATA_DIR_ENV: "{data}"},
+           absent=GIVEN)
       for id, make, expect, through_env in DATA_FOLDERS if through_env],
 ]
 
@@ -559,6 +563,7 @@ def test_bad_input_is_one_error_line(case: Case, tmp_path: Path, request, capsys
     assert len(lines) == 1 and lines[0].strip(), proc.stderr
     assert lines[0].startswith("error: "), proc.stderr
     assert fill(case.expect) in lines[0]
+    assert not [word for word in case.absent if word in lines[0]], lines[0]
     assert not places["new"].exists()  # nothing created for a run that never started
     if kept:
         assert snapshot(kept) == before  # earlier results untouched, nothing added
@@ -645,6 +650,57 @@ def test_a_failed_checkpoint_save_prints_only_its_error_line(monkeypatch, capsys
                                        "space left on device\n")
     assert [str(u.exc_value) for u in seen] == ["a bug in a __del__"]
     assert "never retrieved" not in caplog.text
+
+
+
+# TensorStore's words (abridged) for a checkpoint write past a file size limit and for a
+# latest checkpoint whose data file was cut in half, as a real run printed them.
+_TS_WRITE = ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "opt_state.inner_state.0'
+             '.nu.conv1.kernel/.zarray" in OCDBT database at local file "/r/checkpoints/latest/'
+             '2.orbax-checkpoint-tmp/best.orbax-checkpoint-tmp/ocdbt.process_0/": Failed '
+             'writing: "/r/checkpoints/latest/2.orbax-checkpoint-tmp/best.orbax-checkpoint-tmp/'
+             'ocdbt.process_0/d/01dc2de2": Failed to write 374509 bytes to file 25: {} '
+             "[os_error_code='{}'] [tensorstore_spec='{{\\\"context\\\":{{\\\"cache_pool\\\":"
+             "{{}}}},\\\"driver\\\":\\\"zarr\\\",\\\"dtype\\\":\\\"float32\\\"}}']")
+_TS_READ = ('OUT_OF_RANGE: Error reading "opt_state.inner_state.0.mu.conv1.kernel/0.0.0.0.0" in '
+            'OCDBT database at local file "/r/checkpoints/latest/1/states/": Requested byte '
+            'range [375212, 383939) is not valid for value of size 375480')
+_ORBAX_READ = ("Encountered error while reading array index: (slice(0, 2, 1),). See full "
+               "TensorStore details: <bound method pybind11_detail_function_record.spec of "
+               "TensorStore({\n  'base': {\n    'driver': 'zarr',")
+
+
+def _raised(error: BaseException, cause: BaseException) -> BaseException:
+    """`error`, raised from `cause` (as Orbax wraps TensorStore's error)."""
+    try:
+        raise error from cause
+    except BaseException as e:
+        return e
+
+
+@pytest.mark.parametrize("error, line", [
+    # A full disk or a file size limit inside TensorStore: the OS error's name. The line
+    # was 2,500 characters: Orbax's hidden temporary files and TensorStore's JSON spec.
+    (ValueError(_TS_WRITE.format("No space left on device", errno.ENOSPC)),
+     "OSError: No space left on device"),
+    (ValueError(_TS_WRITE.format("File too large", errno.EFBIG)), "OSError: File too large"),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+     "OSError: No space left on device"),
+    # A damaged latest checkpoint: Orbax's own line ended in a TensorStore object's repr
+    # cut at its first line break; the error it wrapped says what is wrong.
+    (_raised(Exception(_ORBAX_READ), ValueError(_TS_READ)), "ValueError: " + _TS_READ),
+    (ValueError(_TS_READ + " [source locations='tensorstore/kvstore/ocdbt/io.cc:123']"),
+     "ValueError: " + _TS_READ),
+    (ValueError("User-provided restore item and on-disk value metadata tree structures do "
+                "not match\nmore detail"),
+     "ValueError: User-provided restore item and on-disk value metadata tree structures do "
+     "not match"),
+], ids=["tensorstore-disk-full", "tensorstore-file-too-large", "os-error",
+        "orbax-read-wrapping-tensorstore", "tensorstore-source-locations", "other-error"])
+def test_a_checkpoint_error_is_described_in_one_short_line(error, line):
+    from mnist_jax import checkpointing
+
+    assert checkpointing._describe(error) == line
 
 
 # ---- a disk that fills up during a write ----

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mnist_jax import cli, data, report, steps
+from mnist_jax import cli, data, steps, study
 from mnist_jax.config import ModelConfig, TrainConfig
 from mnist_jax.train import fit
 
@@ -153,10 +153,9 @@ def main(argv=None) -> int:
         with cli.claimed_out(args, lambda out: [out]) as claim:
             fit_example(args.example, train_config, cli.load_splits(args), claim,
                         resume=args.resume)
-            print(report.format_text(report.write_study_report(claim.path, [claim.path])))
-            print(f"wrote {claim.path}")
+            study.write_report(claim.path, [claim.path])
 
-    return cli.run_main(run, debug=args.debug)
+    return cli.run_main(run, debug=args.debug, args=args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from mnist_jax import data as data_lib
-from mnist_jax import interrupts, records, study_files
+from mnist_jax import interrupts, processes, records, study_files
 from mnist_jax.config import CONV_IMPLS, ENGINES, LAYOUTS, POOL_IMPLS, ModelConfig, TrainConfig
 from mnist_jax.errors import TrainingDiverged, UserError
 
@@ -142,6 +142,7 @@ def add_training_args(parser: argparse.ArgumentParser, default_out: str) -> None
                         metavar="D", help="split each batch over D of the devices (the mesh's "
                                           "data axis; the seeds axis is the rest; default: 1)")
     add_debug_arg(parser)
+    processes.add_args(parser)
 
 
 def _resolve_holdout_size(args) -> str | None:
@@ -173,9 +174,11 @@ def train_config(args) -> TrainConfig:
 
 
 def load_splits(args) -> data_lib.Splits:
-    """MNIST, split under the --validation protocol (and cut to --train-limit)."""
-    return data_lib.make_splits(data_lib.load_mnist(args.data_dir, name="--data-dir"), args.validation,
-                                args.holdout_size, args.train_limit)
+    """MNIST, split under the --validation protocol (and cut to --train-limit). Every
+    process of a multi-process run loads its own (a problem on one stops all)."""
+    with processes.agreed():
+        return data_lib.make_splits(data_lib.load_mnist(args.data_dir, name="--data-dir"),
+                                    args.validation, args.holdout_size, args.train_limit)
 
 
 def check_finite(diverged: list[tuple[str, list[int]]]) -> None:
@@ -188,13 +191,23 @@ def check_finite(diverged: list[tuple[str, list[int]]]) -> None:
                                f"diverging (summary.md says which): lower --learning-rate")
 
 
-def claim_out(args, study: bool = False) -> records.RunDir:
+def claim_out(args, study: bool = False) -> records.RunDir | records.SharedDir:
     """The output folder, claimed for this process before anything else happens (data
     loading included): `--out`, new or empty, or with --resume the folder of an earlier
     run of the same kind of command (`study`: a study's, whose runs are its subfolders;
     else one model's run, the folder itself); without --out a new `<default>/<date-time>`
     folder, unique even for runs started in the same second. Use as a context manager;
-    the claim ends with the process."""
+    the claim ends with the process. Of several processes, process 0 claims the folder
+    (its date-time name is shared with the others) and the others use it."""
+    if processes.count() == 1:
+        return _claim_out(args, study)
+    with processes.agreed():
+        claim = _claim_out(args, study) if processes.is_writer() else None
+    path = processes.shared(str(claim.path) if claim is not None else "")
+    return claim if claim is not None else records.SharedDir(path)
+
+
+def _claim_out(args, study: bool) -> records.RunDir:
     if args.out is None:
         if args.resume:
             raise UserError("--resume needs --out, the folder of the run to continue")
@@ -244,7 +257,8 @@ def claimed_out(args, run_dirs: Callable[[Path], list[Path]], study: bool = Fals
         try:
             yield claim
         except interrupts.Interrupted:
-            study_files.write_interrupted_summary(out, run_dirs(out))
+            if processes.is_writer():
+                study_files.write_interrupted_summary(out, run_dirs(out))
             log(f"resume with: {resume_command(args, out)}")
             raise
 
@@ -280,10 +294,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def run_main(body: Callable[[], None], debug: bool = False) -> int:
+def run_main(body: Callable[[], None], debug: bool = False,
+             args: argparse.Namespace | None = None) -> int:
     """Run a command's body; bad input or a failed write becomes 'error: ...' on stderr
     and exit status 2, with no traceback (with `debug` (--debug), with its traceback).
-    SIGINT and SIGTERM stop it cleanly (exit 130, 143; interrupts.py)."""
+    SIGINT and SIGTERM stop it cleanly (exit 130, 143; interrupts.py). With `args` (the
+    training flags), the run's processes are connected first (processes.initialize)."""
     _null_closed_std_streams()
     if not debug:
         # Orbax and tensorflow-datasets log their failures through absl before raising; the
@@ -292,7 +308,10 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
         _quiet_orbax_event_loops()
     try:
         with interrupts.handled():
+            if args is not None:
+                processes.initialize(args)
             body()
+            interrupts.check()  # of several processes: a signal that came after the last check
     except interrupts.Interrupted as e:
         print(f"interrupted ({e}): every finished epoch is saved", file=sys.stderr)
         return e.exit_status
@@ -308,6 +327,8 @@ def run_main(body: Callable[[], None], debug: bool = False) -> int:
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except Exception as e:
+        if processes.lost_process_error(e):
+            processes.end_for_lost_process(e)
         if debug or not _out_of_device_memory(e):
             raise  # a bug: keep its traceback
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",

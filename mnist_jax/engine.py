@@ -95,23 +95,30 @@ class Placement(NamedTuple):
 
     def states(self, states):
         """States with a leading seed axis [K, ...], padded to `padded` with copies of the
-        first seed (never trained: inactive) and sharded over the seeds axis."""
+        first seed (never trained: inactive) and sharded over the seeds axis. (From the
+        host: every process holds the same initial states, and places its devices' part.)"""
         if self.mesh is None:
             return states
         pad = self.padded - self.seeds
-        states = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)]),
-                              states)
-        return jax.device_put(states, NamedSharding(self.mesh, P(SEEDS_AXIS)))
+
+        def padded(x):
+            x = np.asarray(x)
+            return np.concatenate([x, np.repeat(x[:1], pad, 0)])
+        return jax.device_put(jax.tree.map(padded, states),
+                              NamedSharding(self.mesh, P(SEEDS_AXIS)))
 
     def real(self, tree):
-        """The real seeds of a tree with a (padded) leading seed axis."""
-        if self.padded == self.seeds:
+        """The real seeds of a tree with a (padded) leading seed axis; with a mesh, whole
+        on every device (an all-gather over the seeds axis), so that every process can read
+        every seed's numbers."""
+        if self.mesh is None:
             return tree
-        return jax.tree.map(lambda x: x[:self.seeds], tree)
+        return _gathered_head(self.mesh, self.seeds)(tree)
 
-    def pad(self, flags) -> list[bool]:
-        """Per-seed flags for the padded seeds (False for the padding)."""
-        return [*map(bool, flags), *[False] * (self.padded - len(flags))]
+    def pad(self, flags) -> np.ndarray:
+        """Per-seed flags for the padded seeds (False for the padding), as a host array
+        (a jit argument that every process gives alike)."""
+        return np.array([*map(bool, flags), *[False] * (self.padded - len(flags))])
 
     def to_device(self, images: np.ndarray, labels: np.ndarray) -> "Split":
         """A split on the device(s), replicated over the mesh."""
@@ -125,15 +132,26 @@ class Placement(NamedTuple):
         return jax.lax.with_sharding_constraint(batch, NamedSharding(self.mesh, P(DATA_AXIS)))
 
 
+@functools.lru_cache(maxsize=None)
+def _gathered_head(mesh: Mesh, seeds: int) -> Callable:
+    """The first `seeds` entries of every leaf, replicated over `mesh` (compiled once)."""
+    return jax.jit(lambda tree: jax.tree.map(lambda x: x[:seeds], tree),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
 def make_placement(seeds: int, devices: int | None = None, data_parallel: int = 1
                    ) -> Placement:
-    """The mesh for `seeds` seeds over `devices` local devices (None: all of them), with a
-    data axis of `data_parallel`. One device: no mesh, nothing changes."""
+    """The mesh for `seeds` seeds over `devices` devices (None: all of them, of every
+    process of a multi-process run), with a data axis of `data_parallel`. One device: no
+    mesh, nothing changes."""
     available = jax.devices()
     n = len(available) if devices is None else devices
     if n > len(available):
         raise ConfigError(f"{n} devices asked for, but the {jax.default_backend()} backend "
                           f"has {len(available)}")
+    if jax.process_count() > 1 and n != len(available):
+        raise ConfigError(f"a run over {jax.process_count()} processes uses every device of "
+                          f"each ({len(available)}), not {n}")
     if n % data_parallel:
         raise ConfigError(f"a data axis of {data_parallel} does not divide {n} devices")
     if n == 1:
@@ -184,7 +202,8 @@ def zero_totals(step: Callable, state, split: Split, batch_size: int, metrics_at
     """Zeros shaped like the metrics `step(state, batch)` returns (at position
     `metrics_at` of its output): the running totals of one seed, traced, not run."""
     out = jax.eval_shape(step, state, abstract_batch(split, batch_size))
-    return jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), out[metrics_at])
+    # Host zeros: a jit argument that every process of a multi-process run gives alike.
+    return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), out[metrics_at])
 
 
 def totals_maker(step: Callable, batch_size: int, metrics_at: int) -> Callable:
@@ -423,7 +442,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     keep_padded = jax.jit(keep_best)
 
     def keep(best, states, improved):
-        return keep_padded(best, states, jnp.asarray(placement.pad(improved)))
+        return keep_padded(best, states, placement.pad(improved))
     train_zeros = totals_maker(train_step, batch_size, 1)
     eval_zeros = totals_maker(eval_step, eval_batch_size, 0)
 
@@ -467,7 +486,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
 
         def train(states, split, active, on_chunk=None):
             training = sum(map(bool, active))  # counted on the host: no device round trip
-            active = jnp.asarray(placement.pad(active))
+            active = placement.pad(active)
             order, mask = orders(states, split.size, batch_size)
             totals = seed_axis_zeros(train_zeros, states, split)
             call = lambda carry, start, stop: train_chunk(  # noqa: E731
@@ -523,7 +542,7 @@ def stack_seeds(states: list):
 
 
 def _seed_axis(tree, k: int):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), tree)
+    return jax.tree.map(lambda x: np.broadcast_to(x, (k, *x.shape)), tree)
 
 
 def resolve_layout(layout: str, engine: str, backend: str | None = None,

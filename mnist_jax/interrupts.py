@@ -14,6 +14,10 @@ return outside such frames (a profile function, see _raise_after). A second sign
 exits at once, with the same status and no traceback: every file already written is
 complete.
 
+With several processes (processes.py), every signal waits for the next check(), and
+check() asks every process (an all-gather of the signals received): they all stop at the
+same point, even when the signal reached them at different moments or reached only one.
+
 Exit statuses follow the shell's convention: 128 + the signal number (130 for SIGINT,
 143 for SIGTERM).
 """
@@ -26,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -45,6 +50,15 @@ class Interrupted(BaseException):
 
 _requested: int | None = None  # the first signal received, if any
 _deferring = 0  # depth of nested deferred() regions
+# Several processes: `(signal or None) -> the first signal any process received, or None`
+_shared_by: Callable[[int | None], int | None] | None = None
+
+
+def share_with_other_processes(agree: Callable[[int | None], int | None]) -> None:
+    """From now on, a signal waits for check(), which stops every process alike (`agree`:
+    processes.first_signal)."""
+    global _shared_by
+    _shared_by = agree
 
 
 def _handle(signum, frame):
@@ -55,7 +69,7 @@ def _handle(signum, frame):
         sys.stderr.flush()
         os._exit(128 + _requested)
     _requested = signum
-    if _deferring:
+    if _deferring or _shared_by is not None:
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current chunk "
                          f"of steps or save (again to exit at once)\n")
         sys.stderr.flush()
@@ -125,6 +139,7 @@ def deferred():
 
 
 def check() -> None:
-    """Raise Interrupted if a stop has been requested."""
-    if _requested is not None:
-        raise Interrupted(_requested)
+    """Raise Interrupted if a stop has been requested (of several processes: by any)."""
+    requested = _requested if _shared_by is None else _shared_by(_requested)
+    if requested is not None:
+        raise Interrupted(requested)

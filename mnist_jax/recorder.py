@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_jax import records
+from mnist_jax import processes, records
 from mnist_jax.checkpointing import BestCheckpoint, LatestCheckpoint
 from mnist_jax.errors import UserError
 
@@ -117,21 +117,36 @@ def _at(tree: dict, dotted: str):
 
 class Recorder:
     """Writes one run's folder. `resume=True` takes a folder an earlier run of the same
-    config left (or a new one); otherwise the folder must be new or empty."""
+    config left (or a new one); otherwise the folder must be new or empty.
+
+    Of several processes (processes.py), process 0 writes the files and every process
+    writes its part of the checkpoints (Orbax); a write that fails stops them all."""
 
     def __init__(self, out_dir: str | os.PathLike | records.RunDir | None,
                  seeds: tuple[int, ...], resume: bool = False):
-        # A folder not claimed yet is claimed here, and released by close().
-        self._owns_dir = out_dir is not None and not isinstance(out_dir, records.RunDir)
-        self._dir = records.RunDir(out_dir, resume=resume) if self._owns_dir else out_dir
+        # A folder not claimed yet is claimed here (by process 0), and released by close().
+        self._owns_dir = out_dir is not None and not isinstance(
+            out_dir, (records.RunDir, records.SharedDir))
+        if self._owns_dir:
+            with processes.agreed():
+                self._dir = (records.RunDir(out_dir, resume=resume) if processes.is_writer()
+                             else records.SharedDir(out_dir))
+        else:
+            self._dir = out_dir
         self.out = self._dir.path if self._dir is not None else None
         self.seeds = seeds
         self._checkpoints: dict[int, BestCheckpoint] = {}
         self._latest: LatestCheckpoint | None = None
 
-    def write_config(self, description: dict) -> None:
+    def _write(self, write) -> None:
+        """`write()` on process 0 (every process waits to hear that it worked)."""
         if self.out is not None:
-            records.write_json(self.out / records.CONFIG_FILE, description)
+            with processes.agreed():
+                if processes.is_writer():
+                    write()
+
+    def write_config(self, description: dict) -> None:
+        self._write(lambda: records.write_json(self.out / records.CONFIG_FILE, description))
 
     def check_resumable(self, expected: dict, splits) -> None:
         """Refuse to resume a finished run, one started with other settings than
@@ -179,8 +194,7 @@ class Recorder:
             self._best_checkpoint(seed).keep_only(epoch, state, metrics)
 
     def write_history(self, history: list[dict]) -> None:
-        if self.out is not None:
-            records.write_history(self.out / records.HISTORY_FILE, history)
+        self._write(lambda: records.write_history(self.out / records.HISTORY_FILE, history))
 
     def save_best(self, seed: int, epoch: int, state, metrics: dict[str, float]) -> None:
         """Seed `seed`'s state as its best checkpoint (replacing its previous best)."""
@@ -193,23 +207,24 @@ class Recorder:
         return self._checkpoints[seed]
 
     def write_result(self, result: dict) -> None:
-        if self.out is not None:
-            records.write_json(self.out / records.RESULT_FILE, result)
+        self._write(lambda: records.write_json(self.out / records.RESULT_FILE, result))
 
     def write_predictions(self, labels: np.ndarray, predictions: np.ndarray,
                           images: np.ndarray, seeds: list[int] | None = None) -> None:
         """labels [N], predictions [K, N] (one row per seed of `seeds`, default every seed
         of the run; a seed without a result is left out) and the images [N, H, W, C], of
         which only those some seed misclassified are kept."""
-        if self.out is None:
-            return
         seeds = self.seeds if seeds is None else seeds
-        wrong = np.flatnonzero((predictions != labels[None, :]).any(axis=0))
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, seeds=np.asarray(seeds, np.int64),
-                            labels=labels.astype(np.int8), predictions=predictions.astype(np.int8),
-                            wrong_indices=wrong, wrong_images=images[wrong, ..., 0])
-        records.atomic_write_bytes(self.out / records.PREDICTIONS_FILE, buffer.getvalue())
+
+        def write():
+            wrong = np.flatnonzero((predictions != labels[None, :]).any(axis=0))
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, seeds=np.asarray(seeds, np.int64),
+                                labels=labels.astype(np.int8),
+                                predictions=predictions.astype(np.int8),
+                                wrong_indices=wrong, wrong_images=images[wrong, ..., 0])
+            records.atomic_write_bytes(self.out / records.PREDICTIONS_FILE, buffer.getvalue())
+        self._write(write)
 
     def close(self, failed: bool = False) -> None:
         """Close the checkpoint managers and end a claim made here (undone if the run

@@ -101,6 +101,23 @@ class RunDir:
             self.close()
 
 
+class SharedDir:
+    """A folder another process claimed (process 0 of a multi-process run: processes.py),
+    used by this one as it is: nothing held, nothing undone."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def release(self, failed: bool) -> None:
+        pass
+
+
 def seed_has_result(seed: dict) -> bool:
     """Whether one seed of result.json has a result: a best epoch and test figures. A seed
     that diverged before any improvement has neither (result.json by an older version gave

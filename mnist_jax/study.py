@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
-from mnist_jax import cli, records, report
+from mnist_jax import cli, processes, records, report
 from mnist_jax.config import ModelConfig, TrainConfig
 from mnist_jax.errors import UserError
 from mnist_jax.recorder import finished_with_settings
@@ -53,7 +53,8 @@ def run_study(variants: Mapping[str, Any], args: argparse.Namespace, out: str | 
                          f"{list(spec.variants)}")
     out = Path(out)
     train_config = cli.train_config(args) if train_config is None else train_config
-    described = _describe(out, spec)
+    with processes.agreed():
+        described = _describe(out, spec)
     try:
         splits = cli.load_splits(args)
         diverged = []
@@ -71,13 +72,23 @@ def run_study(variants: Mapping[str, Any], args: argparse.Namespace, out: str | 
     except Exception:
         # Refused before anything else was written: the folder's claim can still be
         # undone (records.RunDir), so the same --out can be used again.
-        if described and {p.name for p in out.iterdir()} == {records.LOCK_FILE, STUDY_FILE}:
+        if (described and processes.is_writer()
+                and {p.name for p in out.iterdir()} == {records.LOCK_FILE, STUDY_FILE}):
             (out / STUDY_FILE).unlink()
         raise
-    summary = report.write_study_report(out, [out / name for name in spec.variants])
-    print(report.format_text(summary))
-    print(f"wrote {out}")
+    summary = write_report(out, [out / name for name in spec.variants])
     cli.check_finite(diverged)
+    return summary
+
+
+def write_report(out: Path, run_dirs: list[Path]) -> dict | None:
+    """The comparison of `run_dirs`, written into `out` and printed (by process 0 of
+    several: the others return None)."""
+    with processes.agreed():
+        summary = report.write_study_report(out, run_dirs) if processes.is_writer() else None
+    if summary is not None:
+        print(report.format_text(summary))
+        print(f"wrote {out}")
     return summary
 
 
@@ -86,7 +97,8 @@ def _describe(out: Path, spec: StudySpec) -> bool:
     was written now."""
     saved = read_spec(out)
     if saved is None:
-        write_spec(out, spec)
+        if processes.is_writer():
+            write_spec(out, spec)
         return True
     differences = spec_differences(saved, spec)
     if differences:
@@ -127,4 +139,4 @@ def main(variants: Mapping[str, Any], *, prog: str, description: str, title: str
                              study=True) as claim:
             run_study(variants, args, claim.path, spec=spec, train_config=train_config)
 
-    return cli.run_main(run, debug=args.debug)
+    return cli.run_main(run, debug=args.debug, args=args)

@@ -186,7 +186,7 @@ def keep_best(epochs: engine.Epochs, recorder: Recorder, seeds: list[SeedResult]
     improved = [s.active_at(epoch) and s.early_stopping.improved for s in seeds]
     if not any(improved):
         return best
-    best = epochs.keep_best(best, states, jnp.asarray(improved))
+    best = epochs.keep_best(best, states, np.asarray(improved))
     for i in np.flatnonzero(improved):
         row = next(r for r in rows if r["seed"] == seeds[i].seed)
         recorder.save_best(seeds[i].seed, epoch, engine.seed_slice(states, i),
@@ -435,12 +435,12 @@ def main(argv=None) -> int:
                 cli.log(f"[{name}] finished in an earlier run: kept")
             else:
                 fit(model_config, train_config, splits, claim, name=name, resume=args.resume)
-            summary = report.write_study_report(out, [out])
-            print(report.format_text(summary))
-            print(f"wrote {out}")
+            from mnist_jax import study  # (study.py imports fit from here)
+
+            study.write_report(out, [out])
             cli.check_finite([(name, report.diverged_seeds(out))])
 
-    return cli.run_main(run, debug=args.debug)
+    return cli.run_main(run, debug=args.debug, args=args)
 
 
 if __name__ == "__main__":

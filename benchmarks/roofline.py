@@ -430,21 +430,25 @@ def measure_variant(name: str, steps: int, repeats: int, compete: bool = False) 
     batch = TrainConfig().batch_size
     order, mask = jax.jit(engine.epoch_order, static_argnums=(1, 2))(state, split.size, batch)
     totals = engine.zero_totals(train_step, state, split, batch, 1)
+    # The state is donated, as make_train_epoch donates it: each call continues from the
+    # state the last one returned.
+    carry = [state, totals]
     if run.epochs.engine == "scan":  # make_train_epoch's chunk program
-        program = jax.jit(engine.run_steps(train_step))
-        args = (state, totals, split, order, mask, np.int32(0), np.int32(steps))
-        compiled = program.lower(*args).compile()
+        program = jax.jit(engine.run_steps(train_step), donate_argnums=0)
+        rest = (split, order, mask, np.int32(0), np.int32(steps))
+        compiled = program.lower(*carry, *rest).compile()
 
         def call():
-            return compiled(*args)
+            carry[:] = compiled(*carry, *rest)
+            return carry
     else:  # the loop engine: one compiled step per batch
-        program = jax.jit(lambda s, t: engine._run_step(train_step, s, t, split, order, mask))
-        compiled = program.lower(state, totals).compile()
+        program = jax.jit(lambda s, t: engine._run_step(train_step, s, t, split, order, mask),
+                          donate_argnums=0)
+        compiled = program.lower(*carry).compile()
 
         def call():
-            carry = (state, totals)
             for _ in range(steps):
-                carry = compiled(*carry)
+                carry[:] = compiled(*carry)
             return carry
 
     cost = compiled.cost_analysis()

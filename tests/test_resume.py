@@ -691,3 +691,43 @@ def test_sigterm_while_the_data_loads_stops_at_once(mnist_path, tmp_path):
     assert ended - float(stamp.read_text()) < 60
     assert proc.stderr == "interrupted (SIGTERM): every finished epoch is saved\n"
     assert not (out / LATEST_DIR).exists() and not (out / records.HISTORY_FILE).exists()
+
+
+def test_sigterm_during_a_validation_pass_stops_cleanly_and_resumes(
+        reference, mnist_path, tmp_path):
+    """The validation pass (not cut into chunks; the README: it waits for the step to end):
+    SIGTERM as epoch 2's validation starts. Exit 143 within seconds, the run said to be
+    interrupted, and --resume ends as the uninterrupted run."""
+    out, stamp = tmp_path / "run", tmp_path / "signal_time"
+    patch = """
+        import os, signal, time
+        from pathlib import Path
+        from mnist_jax import train
+        run_epoch, calls = train.run_epoch, []
+        class Signalling:  # the epoch's programs, whose validation pass gets the signal
+            def __init__(self, epochs):
+                self._epochs = epochs
+            def __getattr__(self, name):
+                return getattr(self._epochs, name)
+            def evaluate(self, *args, **kwargs):
+                Path(os.environ["SIGNAL_TIME"]).write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGTERM)
+                return self._epochs.evaluate(*args, **kwargs)
+        def signalled(epochs, *args, **kwargs):
+            calls.append(1)
+            return run_epoch(Signalling(epochs) if len(calls) == 2 else epochs, *args, **kwargs)
+        train.run_epoch = signalled
+    """
+    proc = _run(_driver(tmp_path, mnist_path, out, patch),
+                env={**os.environ, "SIGNAL_TIME": str(stamp)})
+    ended = time.time()
+    assert_clean_exit(proc.returncode, proc.stderr, 143)
+    assert ended - float(stamp.read_text()) < 60
+    assert "interrupted (SIGTERM)" in proc.stderr and "resume with:" in proc.stdout
+    assert records.read_json(out / "summary.json")["status"] == "interrupted"
+    assert not any(path.name.endswith(".tmp") for path in out.rglob("*"))
+
+    proc = _run(_command(mnist_path, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch" in proc.stdout
+    assert_close_run(out, reference)

@@ -398,9 +398,11 @@ def time_steps(call, steps: int) -> tuple[float, float]:
 
 
 def contention(call, steps: int, repeats: int) -> dict:
-    """The step's wall time with one competing CPU-bound process (a Python busy loop, as
-    another user's job would be) and without, alternating round by round."""
+    """The step's wall and CPU time with one competing CPU-bound process (a Python busy
+    loop, as another user's job would be) and without, alternating round by round. CPU
+    time that grows with the competitor is time the step's threads spend waiting busily."""
     times = {"alone": [], "competing": []}
+    cpu = {"alone": [], "competing": []}
     for r in range(repeats):
         for mode in (("alone", "competing") if r % 2 == 0 else ("competing", "alone")):
             rival = (subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -408,15 +410,20 @@ def contention(call, steps: int, repeats: int) -> dict:
             try:
                 if rival:
                     time.sleep(0.3)  # let the scheduler place it
-                times[mode].append(time_steps(call, steps)[0])
+                wall, used = time_steps(call, steps)
+                times[mode].append(wall)
+                cpu[mode].append(used)
             finally:
                 if rival:
                     rival.kill()
                     rival.wait()
     alone, competing = (statistics.median(times[m]) for m in ("alone", "competing"))
+    cpu_alone, cpu_competing = (statistics.median(cpu[m]) for m in ("alone", "competing"))
     return {"step_ms_alone": 1e3 * alone, "step_ms_competing": 1e3 * competing,
             "slowdown": competing / alone, "rounds": repeats,
-            "raw_ms": {m: [1e3 * t for t in v] for m, v in times.items()}}
+            "cpu_ms_alone": 1e3 * cpu_alone, "cpu_ms_competing": 1e3 * cpu_competing,
+            "raw_ms": {m: [1e3 * t for t in v] for m, v in times.items()},
+            "raw_cpu_ms": {m: [1e3 * t for t in v] for m, v in cpu.items()}}
 
 
 def measure_variant(name: str, steps: int, repeats: int, compete: bool = False) -> dict:
@@ -582,7 +589,8 @@ def markdown(result: dict, floors: dict, top: int) -> str:
         c = result["contention"]
         lines.append(f"With one competing CPU-bound process: {c['step_ms_competing']:.2f} ms per "
                      f"step against {c['step_ms_alone']:.2f} ms without it (medians of "
-                     f"{c['rounds']} alternating rounds): x{c['slowdown']:.2f}.")
+                     f"{c['rounds']} alternating rounds): x{c['slowdown']:.2f}; CPU time "
+                     f"{c['cpu_ms_competing']:.2f} against {c['cpu_ms_alone']:.2f} ms.")
     return "\n".join(lines)
 
 

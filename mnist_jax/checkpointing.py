@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from mnist_jax import processes
 from mnist_jax.errors import CheckpointError
 
 
@@ -43,6 +44,7 @@ def _latest_only_manager(directory: Path) -> ocp.CheckpointManager:
     try:
         return ocp.CheckpointManager(directory, options=options)
     except Exception as e:  # OSError, or Orbax refusing the folder
+        processes.raise_if_lost(e)
         raise CheckpointError(f"cannot create checkpoint folder {directory}: "
                               f"{_describe(e)}") from None
 
@@ -54,6 +56,7 @@ def _save(manager: ocp.CheckpointManager, directory: Path, epoch: int, args,
         manager.save(epoch, args=args, metrics=metrics)
         manager.wait_until_finished()
     except Exception as e:  # OSError, or Orbax/TensorStore's own error types
+        processes.raise_if_lost(e)
         raise CheckpointError(f"cannot write checkpoint {directory / str(epoch)}: "
                               f"{_describe(e)}") from None
 
@@ -154,6 +157,7 @@ class LatestCheckpoint:
                 states=ocp.args.StandardRestore(abstract(like_states)),
                 best=ocp.args.StandardRestore(abstract(like_best))))
         except Exception as e:  # unreadable, or another model's shapes
+            processes.raise_if_lost(e)
             raise CheckpointError(f"cannot resume from {self.directory / str(epoch)}: "
                                   f"{_describe(e)}") from None
         return epoch, restored["states"], restored["best"]
@@ -177,6 +181,7 @@ def restore_state(directory: str | os.PathLike, epoch: int, like, *, manager=Non
     except CheckpointError:
         raise
     except Exception as e:  # Orbax raises many types for unreadable or mismatched files
+        processes.raise_if_lost(e)
         raise CheckpointError(f"cannot restore epoch {epoch} from {directory}: "
                               f"{_describe(e)}") from None
     finally:

@@ -144,13 +144,15 @@ def _first_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def agreed():
     """Run the body on every process; a problem raised in it on any process is raised on
-    all of them, as the same one line (the lowest process's). One all-gather at the end
-    (nothing with one process). Every process must enter the same blocks in order."""
+    all of them, as the same one line (the lowest process's). An all-gather before the
+    body (so that process 0 writes nothing another process is still reading) and one
+    after it; nothing with one process. Every process must enter the same blocks in order."""
     if count() == 1:
         yield
         return
     from mnist_jax.errors import UserError
 
+    exchange(None)  # every process has finished what came before (its reads, say)
     mine = None
     try:
         yield
@@ -218,6 +220,13 @@ def lost_process_error(e: BaseException) -> bool:
         "DEADLINE_EXCEEDED", "UNAVAILABLE"))
 
 
+def raise_if_lost(e: BaseException) -> None:
+    """Raise `e` as it is if it is a collective failing for a lost process (cli.run_main
+    ends the process for it), rather than let the caller report it as its own failure."""
+    if lost_process_error(e):
+        raise e
+
+
 def end_for_lost_process(e: BaseException) -> None:
     """A collective failed because a process is gone: wait for jax.distributed's heartbeat
     to name it (XLA then ends this process; StderrFilter prints the line), else say so
@@ -263,6 +272,8 @@ in_log = fatal = False
 text = []
 for raw in sys.stdin.buffer:
     line = raw.decode(errors="replace")
+    if line.startswith(("*** Check failure", "    @ ")):  # a fatal log's stack trace
+        continue
     if log.match(line):
         in_log = True
         fatal = fatal or line.startswith("F")

@@ -154,13 +154,14 @@ class Recorder:
         cannot be checked). A folder holding none of a run's files starts afresh."""
         if self.out is None:
             return
-        if is_finished(self.out):
-            raise UserError(f"{self.out} holds a finished run: nothing to resume")
-        if os.path.lexists(self.out / records.CONFIG_FILE):
-            check_same_settings(self.out, expected, splits)
-        elif any((self.out / name).exists() for name in records.RUN_CONTENTS):
-            raise UserError(missing_config(self.out))
-        # else: stopped before writing anything (config.json is the run's first file)
+        with processes.agreed():  # every process reads the folder before any writes to it
+            if is_finished(self.out):
+                raise UserError(f"{self.out} holds a finished run: nothing to resume")
+            if os.path.lexists(self.out / records.CONFIG_FILE):
+                check_same_settings(self.out, expected, splits)
+            elif any((self.out / name).exists() for name in records.RUN_CONTENTS):
+                raise UserError(missing_config(self.out))
+            # else: stopped before writing anything (config.json is the run's first file)
 
     def read_history(self) -> list[dict]:
         path = self.out / records.HISTORY_FILE if self.out is not None else None

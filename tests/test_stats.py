@@ -209,3 +209,18 @@ def test_a_variant_whose_every_seed_diverged_failed_and_is_never_better_or_worse
     assert report.divergence_note(_seeds("w16", [None], diverged=(0,))) == (
         "w16 failed: its seed diverged (loss not finite) before any improvement, so it has "
         "no result.")
+
+
+def test_summary_md_says_when_an_interval_was_clipped_and_only_then():
+    # The clause summary.md puts after "mean ± sd over seeds [95% t-interval]".
+    def summary(test_accuracies, val_accuracies, comparison=None):
+        return {"variants": [{"test_accuracy": stats.describe(test_accuracies, bounds=(0.0, 1.0)),
+                              "best_val_accuracy": stats.describe(val_accuracies,
+                                                                  bounds=(0.0, 1.0))}],
+                "comparisons": [{"welch": comparison}]}
+    assert report._clipped_note(summary([0.90, 0.91, 0.92], [0.90, 0.91, 0.92])) == ""
+    for clipped in (summary([0.95, 0.99], [0.90, 0.91, 0.92]),  # the 2-seed interval of issue 14
+                    summary([0.90, 0.91, 0.92], [0.95, 0.99]),
+                    summary([0.90, 0.91, 0.92], [0.90, 0.91, 0.92],
+                            stats.welch([0.10, 0.90], [0.50, 0.60], bounds=(0.0, 1.0)))):
+        assert "is clipped there: an accuracy cannot pass them" in report._clipped_note(clipped)

@@ -104,8 +104,15 @@ class Placement(NamedTuple):
         def padded(x):
             x = np.asarray(x)
             return np.concatenate([x, np.repeat(x[:1], pad, 0)])
-        return jax.device_put(jax.tree.map(padded, states),
-                              NamedSharding(self.mesh, P(SEEDS_AXIS)))
+        return self.put_seeds(jax.tree.map(padded, states))
+
+    def put_seeds(self, tree):
+        """Host arrays with a (padded) leading seed axis, on the device(s) as the compiled
+        epochs return such arrays (sharded over the seeds axis): so a program's first call
+        and its later ones, fed its own outputs, share one compilation."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree, NamedSharding(self.mesh, P(SEEDS_AXIS)))
 
     def real(self, tree):
         """The real seeds of a tree with a (padded) leading seed axis; with a mesh, whole
@@ -354,7 +361,7 @@ def make_train_epoch(batch_size: int, engine: str, train_step: Callable = steps.
 
     def train_epoch(state, split, on_chunk: OnChunk | None = None):
         order, mask = order_fn(state, split.size, batch_size)
-        return _drive(call(split, order, mask), (state, zeros(state, split)),
+        return _drive(call(split, order, mask), (state, _on_device(zeros(state, split))),
                       chunk_bounds(order.shape[0], chunks), on_chunk, 1)
 
     train_epoch.step_fn = chunk_fn  # exposed so tests can count traces
@@ -393,7 +400,9 @@ def make_evaluate(batch_size: int, eval_step: Callable = steps.eval_step) -> Cal
     """One seed's `evaluate(state, split) -> (totals, predictions [N])` over every example
     of the split, in order."""
     eval_batch = jax.jit(functools.partial(_eval_batch, eval_step, batch_size))
-    return _evaluate_with(eval_batch, batch_size, totals_maker(eval_step, batch_size, 0))
+    zeros = totals_maker(eval_step, batch_size, 0)
+    return _evaluate_with(eval_batch, batch_size,
+                          lambda state, split: _on_device(zeros(state, split)))
 
 
 class Epochs(NamedTuple):
@@ -447,7 +456,8 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     eval_zeros = totals_maker(eval_step, eval_batch_size, 0)
 
     def seed_axis_zeros(zeros, states, split):  # one seed's zero totals, for every seed
-        return _seed_axis(zeros(one_seed(states), split), seed_count(states))
+        return placement.put_seeds(_seed_axis(zeros(one_seed(states), split),
+                                              seed_count(states)))
 
     if layout in ("vmap", "map"):
         if engine != "scan":
@@ -539,6 +549,12 @@ def seed_slice(states, i: int):
 def stack_seeds(states: list):
     """One state with a leading seed axis, from one state per seed."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _on_device(tree):
+    """Host arrays on the default device, as a compiled step returns them (one compilation
+    for the first call and the later ones)."""
+    return jax.tree.map(jnp.asarray, tree)
 
 
 def _seed_axis(tree, k: int):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import signal
+import subprocess
 import sys
 
 import pytest
 
+from conftest import REPO
 from mnist_jax import interrupts
 
 
@@ -34,28 +35,52 @@ def own_handlers():
         signal.signal(s, handler)
 
 
+# Run in a fresh interpreter: what it checks (the garbage collector's callbacks, the
+# profile function, the signal handlers) is process state that the tests before it in a
+# worker can leave otherwise (it failed, rarely, after other test files in one process).
+GC_CALLBACK_CHECK = """
+import gc, signal, sys
+import jax._src.lib as jax_lib
+from mnist_jax import interrupts
+
+signum = int(sys.argv[1])
+
+class OnceRaising:  # a stand-in for jaxlib's collect_garbage (C code: no Python frame)
+    sent = False
+    def __call__(self):
+        if not self.sent:
+            self.sent = True
+            signal.raise_signal(signum)
+
+assert jax_lib._xla_gc_callback in gc.callbacks
+jax_lib._jax.collect_garbage = OnceRaising()
+ignored = []
+sys.unraisablehook = ignored.append
+reached = []
+profiler = sys.getprofile()
+try:
+    with interrupts.handled():
+        gc.collect()  # the handler runs inside _xla_gc_callback, which calls the stand-in
+        reached.append("after the collection")
+    raise SystemExit("not raised")
+except interrupts.Interrupted as raised:
+    assert raised.signum == signum and raised.exit_status == 128 + signum
+assert ignored == [], ignored  # nothing "ignored" (printed and dropped)
+assert reached == [], reached  # raised before the next statement
+assert sys.getprofile() is profiler  # the profile function that raised it is gone
+print("ok")
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_inside_jaxs_gc_callback_is_raised_after_it(signum, monkeypatch, own_handlers):
+def test_a_signal_inside_jaxs_gc_callback_is_raised_after_it(signum):
     """Ctrl-C in the first moments of a run printed "Exception ignored in:
     <function _xla_gc_callback>" and a traceback ending "Interrupted: SIGINT", and the
     interrupt was lost until the next check(): the handler had raised inside JAX's
     garbage-collection callback. Now it raises as soon as the callback has returned."""
-    import jax._src.lib as jax_lib
-
-    assert jax_lib._xla_gc_callback in gc.callbacks
-    monkeypatch.setattr(jax_lib._jax, "collect_garbage", OnceRaising(signum))
-    ignored = []
-    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
-    reached = []
-    profiler = sys.getprofile()
-    with pytest.raises(interrupts.Interrupted) as raised:
-        with interrupts.handled():
-            gc.collect()  # the handler runs inside _xla_gc_callback, which calls the stand-in
-            reached.append("after the collection")
-    assert raised.value.signum == signum and raised.value.exit_status == 128 + signum
-    assert ignored == []  # nothing "ignored" (printed and dropped)
-    assert reached == []  # raised before the next statement
-    assert sys.getprofile() is profiler  # the profile function that raised it is gone
+    proc = subprocess.run([sys.executable, "-c", GC_CALLBACK_CHECK, str(int(signum))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_a_signal_inside_a_del_is_raised_after_it(own_handlers, monkeypatch):

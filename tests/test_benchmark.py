@@ -134,3 +134,21 @@ def test_benchmark_refuses_an_unknown_epoch_mode(capsys):
         epoch_speed.parse_args(["--tiny", "--epoch-mode", "chunked,fori"])
     assert "epoch modes must be a comma-separated subset of chunked,one-call,scan" in (
         capsys.readouterr().err)
+
+
+def test_the_roofline_counts_the_steps_flops_and_times_every_listed_op(tmp_path):
+    out = tmp_path / "roofline.json"
+    proc = _run("-m", "benchmarks.roofline", "--variants", "2conv", "--steps", "2",
+                "--repeats", "1", "--top", "5", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(out.read_text())
+    step = found["variants"][0]
+    # A training step of batch 32 is about 3x the forward pass (the backward pass's two
+    # matmuls per layer; conv0's input gradient is not needed), plus elementwise work:
+    # 3 x 32 x 2.83 MFLOP (the model's own count) = 272 MFLOP.
+    forward = ModelConfig(conv_features=(32, 32)).forward_flops
+    assert step["flops_per_step"] == pytest.approx(3 * 32 * forward, rel=0.03)
+    assert step["flops_per_step"] == pytest.approx(step["xla_cost_analysis"]["flops"], rel=0.01)
+    assert all(op["seconds"] > 0 and op["bytes"] > 0 for op in step["ops"])
+    assert found["floors"]["matmul_gflops"] > 0 and found["floors"]["memory_gbs"] > 0
+    assert "| " in proc.stdout  # the markdown table

@@ -292,6 +292,15 @@ FLAG_CASES = [
       for id, module, args in [
           ("", STUDY, ["--validation", "test", "--holdout-size", "1000"]),
           ("-default-size", TRAIN, ["--holdout-size", "5000", "--validation", "test"])]],
+    # several processes (processes.py): refused before any process waits for the others
+    train_flag("processes-flags-incomplete", ["--coordinator", "localhost:12355"],
+               "--coordinator, --num-processes and --process-id go together: give all three"),
+    train_flag("process-id-out-of-range", ["--coordinator", "localhost:12355",
+                                           "--num-processes", "2", "--process-id", "2"],
+               "--process-id 2 is not one of 0..1 (--num-processes 2)"),
+    train_flag("coordinator-without-port", ["--coordinator", "host-a", "--num-processes", "2",
+                                            "--process-id", "0"],
+               "--coordinator 'host-a' is not HOST:PORT", module=TRAIN),
     train_flag("conv-depth-vanishes", ["--conv", "32,32,32,32"],
                "conv_features (32, 32, 32, 32): the feature map vanishes after 3 conv blocks",
                module=TRAIN),

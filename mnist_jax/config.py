@@ -81,15 +81,18 @@ class ModelConfig:
     def forward_flops(self) -> int:
         """Floating-point operations of one image's forward pass: 2 per multiply-add of the
         convolutions and dense layers (bias, ReLU and pooling, under 2% here, left out).
+        A convolution counts the outputs its VALID pooling reads, the ones the model
+        computes (model.pooled_extent).
         Counted from the shapes rather than by XLA's cost analysis, which on GPU leaves out
         the convolutions it hands to cuDNN (an H100 reported 0.23 MFLOP for 2-conv)."""
         flops, channels = 0, self.image_shape[-1]
         h, w = self.image_shape[:2]
         k = self.kernel_size
+        p = self.pool_size
         for features in self.conv_features:
-            h, w = h - k + 1, w - k + 1
-            flops += 2 * h * w * k * k * channels * features
-            h, w, channels = h // self.pool_size, w // self.pool_size, features
+            h, w = (h - k + 1) // p, (w - k + 1) // p  # after the pooling
+            flops += 2 * (h * p) * (w * p) * k * k * channels * features
+            channels = features
         width = self.flatten_width
         for features in (*self.dense_features, self.num_classes):
             flops += 2 * width * features

@@ -9,6 +9,10 @@ XLA:CPU runs them at very different speeds (benchmarks/epoch_speed.py measures t
   on XLA:CPU). pool "reshape": crop to a multiple of the window, reshape to
   [B, H/p, p, W/p, p, C] and take the max over the two window axes.
 Both pairs share parameter names and shapes, so one set of parameters runs under either.
+Each convolution reads only the rows and columns whose outputs its VALID pooling keeps
+(`pooled_extent`): an odd-sized map's last row and column, which the pooling drops, are
+never computed (for 2-conv, conv1 computes 10x10 outputs, not 11x11: 17% less of the
+step's largest layer, the same function and gradients).
 Initialisers follow Keras (glorot_uniform kernels, zero biases) so runs are comparable.
 """
 
@@ -76,6 +80,13 @@ class Conv(nn.Module):
         return y + bias
 
 
+def pooled_extent(size: int, kernel_size: int, pool_size: int) -> int:
+    """Input rows (or columns) of a VALID convolution whose outputs a following VALID,
+    stride-`pool_size` pooling reads: the rest only feed outputs the pooling drops."""
+    used_outputs = (size - kernel_size + 1) // pool_size * pool_size
+    return used_outputs + kernel_size - 1
+
+
 def max_pool(x, size: int, impl: str):
     """size x size max-pooling with stride size and VALID padding (odd edges dropped)."""
     if impl == "window":
@@ -97,7 +108,9 @@ class CNN(nn.Module):
     def __call__(self, images, *, train: bool):  # images: [B, H, W, C] float32 in [0, 1]
         cfg = self.config
         x = images
+        k, p = cfg.kernel_size, cfg.pool_size
         for i, features in enumerate(cfg.conv_features):
+            x = x[:, :pooled_extent(x.shape[1], k, p), :pooled_extent(x.shape[2], k, p), :]
             x = Conv(features, cfg.kernel_size, cfg.conv_impl, name=f"conv{i}")(x)
             x = max_pool(nn.relu(x), cfg.pool_size, cfg.pool_impl)
         x = x.reshape(x.shape[0], -1)  # [B, flatten_width], NHWC row-major as Keras' Flatten

@@ -80,10 +80,54 @@ def test_forward_flops_counted_by_hand():
     def forward_flops_per_image(config):
         return config.forward_flops
 
-    # 2-conv: conv 26*26*9*1*32 + conv 11*11*9*32*32 + dense 800*128 + logits 128*10
-    # multiply-adds, 2 FLOPs each.
-    two = 2 * (26 * 26 * 9 * 32 + 11 * 11 * 9 * 32 * 32 + 800 * 128 + 128 * 10)
-    assert forward_flops_per_image(ModelConfig()) == two == 2_827_008
-    # 3-conv adds conv 3*3*9*32*64 and flattens 64 features instead of 800.
-    three = 2 * (26 * 26 * 9 * 32 + 11 * 11 * 9 * 32 * 32 + 3 * 3 * 9 * 32 * 64 + 64 * 128 + 128 * 10)
+    # 2-conv: conv 26*26*9*1*32 + conv 10*10*9*32*32 (of its 11x11 outputs, the 2x2
+    # pooling reads 10x10) + dense 800*128 + logits 128*10 multiply-adds, 2 FLOPs each.
+    two = 2 * (26 * 26 * 9 * 32 + 10 * 10 * 9 * 32 * 32 + 800 * 128 + 128 * 10)
+    assert forward_flops_per_image(ModelConfig()) == two == 2_439_936
+    # 3-conv adds conv 2*2*9*32*64 (of 3x3 outputs, 2x2 pooled) and flattens 64 features
+    # instead of 800.
+    three = 2 * (26 * 26 * 9 * 32 + 10 * 10 * 9 * 32 * 32 + 2 * 2 * 9 * 32 * 64 + 64 * 128 + 128 * 10)
     assert forward_flops_per_image(ModelConfig(conv_features=(32, 32, 64))) == three
+
+
+@pytest.mark.parametrize("conv", [(32, 32), (32, 32, 64)])
+@pytest.mark.parametrize("impls", [("patches", "reshape"), ("xla", "window")])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside Keras
+def test_the_model_and_its_gradients_are_keras_own(conv, impls):
+    """The Flax model, in either formulation, is the notebook's Keras model (Keras 3 on
+    JAX, benchmarks/keras_reference.py) with the same weights: the same probabilities and
+    the same gradients of the cross-entropy, every layer's. The model leaves out the
+    convolution outputs its pooling drops; Keras computes them all."""
+    import keras
+
+    from benchmarks.keras_reference import build_model as build_keras_model
+
+    cfg = ModelConfig(conv_features=conv, conv_impl=impls[0], pool_impl=impls[1])
+    ours = build_model(cfg)
+    params = init_params(ours, jax.random.PRNGKey(1))
+    names = [f"conv{i}" for i in range(len(conv))] + ["dense0", "logits"]
+    reference = build_keras_model(cfg, keras=keras)
+    weights = [np.asarray(params[n][w]) for n in names for w in ("kernel", "bias")]
+    reference.set_weights(weights)
+    images = jax.random.uniform(jax.random.PRNGKey(2), (16, 28, 28, 1))
+    labels = jnp.arange(16) % 10
+
+    fixed = [v.value for v in reference.non_trainable_variables]  # Dropout's seed state
+
+    def keras_loss(w):
+        probs, _ = reference.stateless_call(w, fixed, images, training=False)
+        return -jnp.mean(jnp.log(probs[jnp.arange(16), labels])), probs
+
+    def our_loss(p):
+        logits = ours.apply({"params": p}, images, train=False)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels]), logits
+
+    (l_keras, probs), g_keras = jax.value_and_grad(keras_loss, has_aux=True)(
+        [jnp.asarray(w) for w in weights])
+    (l_ours, logits), g_ours = jax.value_and_grad(our_loss, has_aux=True)(params)
+    np.testing.assert_allclose(jax.nn.softmax(logits), probs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(l_ours, l_keras, rtol=1e-5)
+    g_ours = [g_ours[n][w] for n in names for w in ("kernel", "bias")]
+    assert [g.shape for g in g_ours] == [g.shape for g in g_keras]
+    for ours_g, keras_g in zip(g_ours, g_keras):
+        np.testing.assert_allclose(ours_g, keras_g, rtol=1e-4, atol=1e-6)

@@ -106,7 +106,7 @@ def test_every_seed_diverging_is_a_failed_study_never_a_comparison(mnist_path, t
         assert _predicted_seeds(out / name) == []
     md = (out / report.SUMMARY_MD).read_text()
     assert f"**{sentence}**" in md
-    assert "| 2conv | 113,386 | 2.83 | 0 of 3 | none | none | - |" in md
+    assert "| 2conv | 113,386 | 2.44 | 0 of 3 | none | none | - |" in md
     assert "| 3conv | 0 | none | none | none | diverged at 1: no result | 1 |" in md
     assert ("- 2conv: seeds 0, 1, 2 diverged (loss not finite) in epoch 1, with no result: "
             "left out of the statistics, the test and the figures.") in md
@@ -167,7 +167,7 @@ def test_a_seed_lost_in_epoch_1_is_left_out_and_one_lost_later_keeps_its_best(
     assert summary["sentence"] in stdout and "None" not in stdout
     md = (out / report.SUMMARY_MD).read_text()
     assert f"**{summary['sentence']}**" in md
-    assert "| 2conv | 113,386 | 2.83 | 2 of 3 | " in md and "| 3conv | 37,674 | 2.97 | 3 | " in md
+    assert "| 2conv | 113,386 | 2.44 | 2 of 3 | " in md and "| 3conv | 37,674 | 2.40 | 3 | " in md
     assert "| 2conv | 1 | none | none | none | diverged at 1: no result | 1 |" in md
     assert "| 3conv | 2 | " in md and "| diverged at 2, after best epoch 1 (kept) | 2 |" in md
     assert ("- 3conv: seed 2 diverged (loss not finite) in epoch 2, after its best epoch (1), "

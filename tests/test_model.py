@@ -131,3 +131,23 @@ def test_the_model_and_its_gradients_are_keras_own(conv, impls):
     assert [g.shape for g in g_ours] == [g.shape for g in g_keras]
     for ours_g, keras_g in zip(g_ours, g_keras):
         np.testing.assert_allclose(ours_g, keras_g, rtol=1e-4, atol=1e-6)
+
+
+def test_relu_pool_routes_the_gradient_to_the_first_maximum_as_keras_does():
+    """Worked by hand, 2x2 windows of a 5x5 map (its last row and column dropped): the
+    output is ReLU of each window's maximum; the gradient goes to the window's first
+    maximum in row-major order (Keras' MaxPoolGrad; tied maxima at (0,1) and (1,0) of the
+    last window), and to nothing where the ReLU is off (all-negative or all-zero windows)."""
+    from mnist_jax.model import relu_max_pool
+
+    x = np.array([[2, 2, -1, -3, 7],
+                  [1, 0, -2, -1, 7],
+                  [0, 0, 1, 3, 7],
+                  [0, 0, 3, 2, 7],
+                  [7, 7, 7, 7, 7]], np.float32)[None, :, :, None]
+    out, vjp = jax.vjp(lambda v: relu_max_pool(v, 2, "reshape"), jnp.asarray(x))
+    np.testing.assert_array_equal(out[0, :, :, 0], [[2, 0], [0, 3]])
+    (grad,) = vjp(jnp.array([[10, 20], [30, 40]], jnp.float32)[None, :, :, None])
+    expected = np.zeros((5, 5), np.float32)
+    expected[0, 0], expected[2, 3] = 10, 40
+    np.testing.assert_array_equal(grad[0, :, :, 0], expected)

@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +15,32 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 # The Keras comparisons run Keras 3 on JAX, already installed; TensorFlow is not needed.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+# One persistent compilation cache for the test session: the pytest workers and every
+# command they start compile the same few programs again and again (the study's chunk
+# program alone takes 5-10 s per process on these CPUs). It lives in a temporary folder
+# made here, in the session's first process (pytest-xdist's workers inherit it), and
+# removed when that process exits, so nothing outlives the session: an entry cut short by a
+# kill would otherwise stay and warn in every later run. A maximum size turns on JAX's
+# file lock around each read and write (filelock, in the test extra), so one process never
+# reads an entry another is writing. A command a test kills at an arbitrary moment runs
+# without it (`without_compilation_cache`); a process that kills itself at a chosen point
+# (never inside a compilation) keeps it.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="mnist_jax-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+COMPILATION_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR",
+                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                               "JAX_COMPILATION_CACHE_MAX_SIZE")
+
+
+def without_compilation_cache(env: dict | None = None) -> dict:
+    """`env` (default: this process's) without the session's compilation cache."""
+    return {k: v for k, v in (os.environ if env is None else env).items()
+            if k not in COMPILATION_CACHE_VARIABLES}
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -15,15 +15,17 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, without_compilation_cache
 
 pytestmark = pytest.mark.slow
 
 FLAGS = ("--seeds", "3", "--epochs", "2", "--train-limit", "480")
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
+def _env(devices: int, cache: bool = True) -> dict:
+    """This process's environment with `devices` forced CPU devices; `cache=False`: without
+    the session's compilation cache, for processes killed at any moment."""
+    env = dict(os.environ) if cache else without_compilation_cache()
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""),
                                  f"--xla_force_host_platform_device_count={devices}"])
     return env
@@ -40,12 +42,12 @@ def _study(mnist_path, out, *extra):
             *FLAGS, "--out", str(out), *extra]
 
 
-def _start_two(mnist_path, out, *extra) -> list[subprocess.Popen]:
+def _start_two(mnist_path, out, *extra, cache=True) -> list[subprocess.Popen]:
     """Processes 0 and 1 of one run, 2 devices each."""
     coordinator = f"localhost:{_free_port()}"
     return [subprocess.Popen(_study(mnist_path, out, *extra, "--coordinator", coordinator,
                                     "--num-processes", "2", "--process-id", str(i)),
-                             cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+                             cwd=REPO, env=_env(2, cache), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
             for i in range(2)]
 
@@ -109,7 +111,7 @@ def _wait_for(path, procs, timeout=600):
 def test_both_processes_killed_after_an_epoch_resume_to_the_uninterrupted_run(
         mnist_path, tmp_path, one_process):
     out = tmp_path / "study"
-    procs = _start_two(mnist_path, out)
+    procs = _start_two(mnist_path, out, cache=False)
     _wait_for(out / "2conv" / "checkpoints" / "latest" / "1", procs)
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -124,7 +126,7 @@ def test_both_processes_killed_after_an_epoch_resume_to_the_uninterrupted_run(
 def test_a_killed_process_ends_the_other_within_two_minutes_with_one_line(
         mnist_path, tmp_path, victim):
     out = tmp_path / "study"
-    procs = _start_two(mnist_path, out)
+    procs = _start_two(mnist_path, out, cache=False)
     _wait_for(out / "2conv" / "history.csv", procs)
     procs[victim].send_signal(signal.SIGKILL)
     killed = time.monotonic()

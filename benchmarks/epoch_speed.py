@@ -3,6 +3,7 @@
     python -m benchmarks.epoch_speed --data-dir ../shared/mnist
     python -m benchmarks.epoch_speed --data-dir ../shared/mnist --frameworks jax --seeds 1,3
     python -m benchmarks.epoch_speed --tiny          # synthetic data, seconds: checks it runs
+    python -m benchmarks.epoch_speed --data-dir ../shared/mnist --compete 1   # contention
     python -m benchmarks.epoch_speed --data-dir ../shared/mnist --frameworks jax \
         --conv 256,256 --train-limit 2000 --epoch-mode chunked,one-call,scan   # wide models
 
@@ -32,6 +33,9 @@ Each contestant (JAX at each seed count and epoch mode, Keras) gets one warm-up 
 variant, then --epochs timed epochs; the rounds alternate the contestants (and which one
 goes first) so drifting load hits all alike.
 Models and states live across rounds, so every timed epoch continues the same training.
+`--compete N` starts N CPU-bound processes (a Python busy loop each, as another user's job
+on a shared machine) before the first warm-up and stops them after the last epoch; every
+epoch row records how many were still running at its end.
 
 Prints a markdown table and writes everything (per-epoch times, metrics, memory, machine
 and library versions) to --json (default benchmarks/results/epoch_speed-<backend>.json;
@@ -46,7 +50,9 @@ import datetime
 import os
 import platform
 import resource
+import contextlib
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -261,7 +267,20 @@ def contestant_name(seeds: int, mode: str = "", devices: int = 1) -> str:
             + (f"-{devices}dev" if devices > 1 else ""))
 
 
-def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
+@contextlib.contextmanager
+def competitors(count: int):
+    """`count` CPU-bound processes running while the block runs: the list of them."""
+    rivals = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+              for _ in range(count)]
+    try:
+        yield rivals
+    finally:
+        for rival in rivals:
+            rival.kill()
+            rival.wait()
+
+
+def run_benchmark(args, dataset, keras, rivals=()) -> tuple[dict, list[dict]]:
     """Warm up every (variant, contestant), then alternate timed epochs; all epoch records.
     The contestants: JAX at each --seeds count, and Keras (one seed)."""
     watch = CompileWatch()
@@ -297,7 +316,8 @@ def run_benchmark(args, dataset, keras) -> tuple[dict, list[dict]]:
                "cpu_seconds": (after.ru_utime + after.ru_stime
                                - usage.ru_utime - usage.ru_stime),
                "minor_faults": after.ru_minflt - usage.ru_minflt,
-               "load_average": os.getloadavg()[0]}
+               "load_average": os.getloadavg()[0],
+               "competing_processes": sum(r.poll() is None for r in rivals)}
         epochs.append(row)
         train_s = f" (train {row['train_seconds']:.2f} s)" if "train_seconds" in row else ""
         progress(f"{phase:>7} {round_:>2} {variant} {contestant:<12} {row['seconds']:8.2f} s"
@@ -463,7 +483,9 @@ def notes(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
     lines = [f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, JAX on "
              f"{m['jax_backend']} ({m['jax_device_kind']}); load average at start "
-             f"{m['load_average_start'][0]:.2f}, at end {m['load_average_end'][0]:.2f}",
+             f"{m['load_average_start'][0]:.2f}, at end {m['load_average_end'][0]:.2f}"
+             + (f"; {s['competing_processes']} competing CPU-bound process(es) running "
+                f"throughout" if s.get("competing_processes") else ""),
              f"data: {s['data']}; batch {s['batch_size']} per seed; 1 warm-up + {s['epochs']} "
              f"timed epochs per contestant, alternating; epoch = train + validation of every "
              f"seed, as train.run_epoch (fit()'s own) runs it"]
@@ -579,6 +601,9 @@ def parse_args(argv):
                         help="JAX conv formulation; 'xla' times the plain one (default: auto)")
     parser.add_argument("--pool-impl", choices=POOL_IMPLS, default="auto",
                         help="JAX pool formulation; 'window' times the plain one (default: auto)")
+    parser.add_argument("--compete", type=cli.non_negative_int, default=0, metavar="N",
+                        help="run N CPU-bound processes beside the benchmark, as other "
+                             "users' jobs on a shared machine (default: 0)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="where to write the results (default: "
                              "benchmarks/results/epoch_speed-<backend>[-tiny].json)")
@@ -629,7 +654,8 @@ def main(argv=None) -> int:
         if path.is_dir():  # found out now, not after the whole benchmark has run
             raise UserError(f"--json {path} is a folder, not a file")
         machine = machine_info(keras, tf)
-        summary, epochs = run_benchmark(args, dataset, keras)
+        with competitors(args.compete) as rivals:
+            summary, epochs = run_benchmark(args, dataset, keras, rivals)
         machine["load_average_end"] = list(os.getloadavg())
         report = {
             "benchmark": "epoch_speed",
@@ -649,6 +675,7 @@ def main(argv=None) -> int:
                          "epoch_chunks": TrainConfig().epoch_chunks, "conv_impl": args.conv_impl,
                          "pool_impl": args.pool_impl, "variants": list(args.variants),
                          "frameworks": list(args.frameworks),
+                         "competing_processes": args.compete,
                          "keras_unavailable": keras_unavailable},
             "results": summary,
             "process": {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

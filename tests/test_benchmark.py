@@ -30,9 +30,12 @@ def _run(*args):
 def test_benchmark_runs_in_tiny_mode(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run("-m", "benchmarks.epoch_speed", "--tiny", "--frameworks", "jax",
-                "--variants", "2conv", "--json", str(out))
+                "--variants", "2conv", "--compete", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())["results"]["2conv"]["jax"]
+    found = json.loads(out.read_text())
+    assert found["settings"]["competing_processes"] == 1
+    assert [row["competing_processes"] for row in found["epochs"]] == [1] * len(found["epochs"])
+    result = found["results"]["2conv"]["jax"]
     assert result["num_params"] == 113_386  # the notebook's 2-conv model (Keras' count)
     assert result["timed_backend_compiles"] == 0  # the timed epochs compiled nothing
     assert result["timed_epochs"] >= 1 and "compile_s" in result

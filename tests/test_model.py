@@ -151,3 +151,23 @@ def test_relu_pool_routes_the_gradient_to_the_first_maximum_as_keras_does():
     expected = np.zeros((5, 5), np.float32)
     expected[0, 0], expected[2, 3] = 10, 40
     np.testing.assert_array_equal(grad[0, :, :, 0], expected)
+
+
+def test_the_single_channel_convolution_has_xlas_gradients():
+    """The one-channel patches convolution's own VJP (kernel gradient from the stacked
+    shifted images) gives XLA's convolution's output and both gradients."""
+    from mnist_jax.model import single_channel_patches_conv
+
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 9, 8, 1))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 5))
+    g = jax.random.normal(jax.random.PRNGKey(2), (4, 7, 6, 5))
+
+    def xla(v, w):
+        return jax.lax.conv_general_dilated(v, w, (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    out, vjp = jax.vjp(single_channel_patches_conv, x, kernel)
+    out_xla, vjp_xla = jax.vjp(xla, x, kernel)
+    np.testing.assert_allclose(out, out_xla, rtol=1e-5, atol=1e-6)
+    for ours, reference in zip(vjp(g), vjp_xla(g)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)

@@ -45,12 +45,12 @@ with --tiny, epoch_speed-<backend>-tiny.json, so a smoke run never replaces a re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import platform
 import resource
-import contextlib
 import statistics
 import subprocess
 import sys

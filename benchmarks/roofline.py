@@ -47,7 +47,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from mnist_jax.config import TrainConfig
 from mnist_jax.resources import cpu_model, package_versions
 from mnist_jax.run import build_run
 
-from benchmarks.epoch_speed import VARIANTS
+from benchmarks.epoch_speed import VARIANTS, competitors
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MNIST_TRAIN = (60000, 28, 28, 1)
@@ -405,18 +404,12 @@ def contention(call, steps: int, repeats: int) -> dict:
     cpu = {"alone": [], "competing": []}
     for r in range(repeats):
         for mode in (("alone", "competing") if r % 2 == 0 else ("competing", "alone")):
-            rival = (subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                     if mode == "competing" else None)
-            try:
-                if rival:
+            with competitors(1 if mode == "competing" else 0) as rivals:
+                if rivals:
                     time.sleep(0.3)  # let the scheduler place it
                 wall, used = time_steps(call, steps)
                 times[mode].append(wall)
                 cpu[mode].append(used)
-            finally:
-                if rival:
-                    rival.kill()
-                    rival.wait()
     alone, competing = (statistics.median(times[m]) for m in ("alone", "competing"))
     cpu_alone, cpu_competing = (statistics.median(cpu[m]) for m in ("alone", "competing"))
     return {"step_ms_alone": 1e3 * alone, "step_ms_competing": 1e3 * competing,

@@ -167,10 +167,16 @@ def model_config(args, base: ModelConfig) -> ModelConfig:
 
 
 def train_config(args) -> TrainConfig:
-    return TrainConfig(seed=args.seed, seeds=args.seeds, layout=args.layout, epochs=args.epochs,
-                       batch_size=args.batch_size, patience=args.patience,
-                       learning_rate=args.learning_rate, engine=args.engine,
-                       devices=args.devices, data_parallel=args.data_parallel)
+    """The training flags as a TrainConfig; a placement the devices cannot take is refused
+    here, before the data is loaded or anything compiled (seconds on a CPU)."""
+    config = TrainConfig(seed=args.seed, seeds=args.seeds, layout=args.layout,
+                         epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
+                         learning_rate=args.learning_rate, engine=args.engine,
+                         devices=args.devices, data_parallel=args.data_parallel)
+    from mnist_jax import engine  # JAX: not for the commands that only read files
+
+    engine.check_placement(config)
+    return config
 
 
 def load_splits(args) -> data_lib.Splits:

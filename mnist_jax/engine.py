@@ -169,6 +169,21 @@ def make_placement(seeds: int, devices: int | None = None, data_parallel: int = 
     return Placement(mesh, seeds, -(-seeds // axes[0]) * axes[0])
 
 
+def check_placement(train_config) -> None:
+    """Refuse (ConfigError) the devices and layout of `train_config` where they cannot
+    work, as make_placement and compile_epochs later would, but before any model or data
+    exists. An "auto" layout is checked there, once the engine is known."""
+    placement = make_placement(train_config.seeds, train_config.devices,
+                               train_config.data_parallel)
+    if placement.mesh is not None and train_config.layout not in ("auto", "vmap"):
+        _refuse_layout(train_config.layout, placement.mesh.devices.size)
+
+
+def _refuse_layout(layout: str, devices: int):
+    raise ConfigError(f"the {layout} layout runs on one device: use layout 'vmap' to "
+                      f"spread seeds over {devices} devices, or 1 device")
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Every example once per epoch; the last batch is padded (and masked) if short."""
     return math.ceil(num_examples / effective_batch_size(num_examples, batch_size))
@@ -444,8 +459,7 @@ def compile_epochs(batch_size: int, eval_batch_size: int, engine: str, layout: s
     """
     placement = placement or Placement(None, 0, 0)
     if placement.mesh is not None and layout != "vmap":
-        raise ConfigError(f"the {layout} layout runs on one device: use layout 'vmap' to "
-                          f"spread seeds over {placement.mesh.devices.size} devices, or 1 device")
+        _refuse_layout(layout, placement.mesh.devices.size)
     one_batch = functools.partial(_eval_batch, eval_step, eval_batch_size,
                                   constrain=placement.constrain)
     keep_padded = jax.jit(keep_best)

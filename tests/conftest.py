@@ -98,17 +98,34 @@ def tiny():
 SMALL_STUDY_FLAGS = ("--seeds", "3", "--epochs", "2", "--train-limit", "960")
 
 
+def session_folder(tmp_path_factory) -> Path:
+    """A temporary folder of this test session, the same for all its pytest-xdist workers
+    (each worker's own base folder is a subfolder of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
 @pytest.fixture(scope="session")
 def small_study(mnist_path, tmp_path_factory) -> SimpleNamespace:
     """One finished `python -m experiments.depth_study` run with SMALL_STUDY_FLAGS, shared
-    by the tests that need one (about 40 s): `out` (copy it before changing anything) and
-    the command's `stdout`."""
-    out = tmp_path_factory.mktemp("small_study") / "study"
-    proc = subprocess.run([sys.executable, "-m", "experiments.depth_study", "--data-dir",
-                           str(mnist_path), *SMALL_STUDY_FLAGS, "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    return SimpleNamespace(out=out, stdout=proc.stdout)
+    by the tests that need one (about 40 s), made once per session: the first worker to
+    need it runs it, another waits for it under the same file lock rather than running its
+    own. `out` (copy it before changing anything) and the command's `stdout`."""
+    from filelock import FileLock
+
+    folder = session_folder(tmp_path_factory) / "small_study"
+    folder.mkdir(exist_ok=True)
+    out, stdout = folder / "study", folder / "stdout.txt"
+    with FileLock(str(folder / "made.lock")):
+        if not stdout.exists():  # written last: the study before it is whole
+            shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+            proc = subprocess.run([sys.executable, "-m", "experiments.depth_study",
+                                   "--data-dir", str(mnist_path), *SMALL_STUDY_FLAGS,
+                                   "--out", str(out)],
+                                  cwd=REPO, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr
+            stdout.write_text(proc.stdout)
+    return SimpleNamespace(out=out, stdout=stdout.read_text())
 
 
 # Fixtures that run a real study (tens of seconds each): a test that uses one belongs to

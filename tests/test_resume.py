@@ -1,7 +1,9 @@
 """Long runs you can trust: kill and resume, Ctrl-C and SIGTERM, one run per folder,
-progress bars. The tests drive the real command in a subprocess, as a user would (runs
-refused before training: its main() in this process), and compare with one uninterrupted
-run of the same command."""
+progress bars. The tests drive the real command in a subprocess, as a user would, where
+the process is what is tested (killed, signalled, failing); the runs refused before
+training and most resumes run its main() in this process (the same main and run_main as
+`python -m`, without the start-up), and compare with one uninterrupted run of the same
+command in a subprocess."""
 
 import fcntl
 import os
@@ -212,9 +214,9 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(
         assert _files(copy_of(out)) == damaged
         shutil.rmtree(copy_of(out))
 
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch 2" in proc.stdout
+    status, stdout, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0, err
+    assert "resuming after epoch 2" in stdout
     assert_same_run(out, reference)
 
     # Resuming a finished run changes nothing but the report; with other settings, refused.
@@ -272,7 +274,7 @@ def test_a_study_stopped_in_its_second_model_resumes_with_the_printed_command(
 
 
 def test_sigkill_during_a_checkpoint_save_leaves_it_ignored_and_resume_is_exact(
-        reference, mnist_path, tmp_path):
+        reference, mnist_path, tmp_path, capsys):
     """Killed after Orbax wrote epoch 2's latest checkpoint into its temporary folder but
     before the rename that completes it: the torn save is ignored and removed, epoch 2 is
     trained again, and the run ends as if never killed."""
@@ -294,15 +296,15 @@ def test_sigkill_during_a_checkpoint_save_leaves_it_ignored_and_resume_is_exact(
     assert any(".orbax-checkpoint-tmp" in p.name for p in latest.iterdir())  # the torn save
     assert {r["epoch"] for r in records.read_history(out / records.HISTORY_FILE)} == {1, 2}
 
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch 1" in proc.stdout
+    status, stdout, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0, err
+    assert "resuming after epoch 1" in stdout
     assert not any(".orbax-checkpoint-tmp" in p.name for p in latest.iterdir())
     assert_same_run(out, reference)
 
 
 def test_ctrl_c_during_a_checkpoint_save_stops_cleanly_and_resumes(
-        reference, mnist_path, tmp_path):
+        reference, mnist_path, tmp_path, capsys):
     out = tmp_path / "run"
     patch = """
         import os, signal
@@ -323,13 +325,13 @@ def test_ctrl_c_during_a_checkpoint_save_stops_cleanly_and_resumes(
     assert [s["epochs_finished"] for s in summary["runs"][0]["seeds"]] == [1, 1]
     assert sorted(p.name for p in (out / LATEST_DIR).iterdir()) == ["1"]
 
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0, proc.stderr
+    status, _, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0, err
     assert_same_run(out, reference)
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(
-        reference, mnist_path, tmp_path):
+        reference, mnist_path, tmp_path, capsys):
     out = tmp_path / "run"
     patch = """
         import errno
@@ -346,9 +348,9 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(
     assert proc.stderr.startswith(f"error: cannot write checkpoint {out.absolute()}/checkpoints/")
     assert proc.stderr.rstrip().endswith("/2: OSError: No space left on device")
     assert proc.stderr.count("\n") == 1
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch 1" in proc.stdout
+    status, stdout, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0, err
+    assert "resuming after epoch 1" in stdout
     assert_same_run(out, reference)
 
 
@@ -611,7 +613,7 @@ def _cut_largest_data_file(checkpoint):
 
 @pytest.mark.parametrize("which", ["latest", "best"])
 def test_a_checkpoint_write_failing_inside_tensorstore_is_one_short_line_and_resumes(
-        which, reference, mnist_path, tmp_path):
+        which, reference, mnist_path, tmp_path, capsys):
     """The probe's full disk during a checkpoint save (best and latest) printed Orbax's and
     asyncio's tracebacks ("Event loop is closed", "Future exception was never retrieved")
     around the error line, then a line of 2,500 characters (Orbax's temporary files and
@@ -645,9 +647,9 @@ def test_a_checkpoint_write_failing_inside_tensorstore_is_one_short_line_and_res
                               if ".orbax-checkpoint-tmp" not in str(p)}
         assert _files(damaged) == kept(before)
 
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch 1" in proc.stdout
+    status, stdout, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0, err
+    assert "resuming after epoch 1" in stdout
     assert_close_run(out, reference)
 
 
@@ -694,7 +696,7 @@ def test_sigterm_while_the_data_loads_stops_at_once(mnist_path, tmp_path):
 
 
 def test_sigterm_during_a_validation_pass_stops_cleanly_and_resumes(
-        reference, mnist_path, tmp_path):
+        reference, mnist_path, tmp_path, capsys):
     """The validation pass (not cut into chunks; the README: it waits for the step to end):
     SIGTERM as epoch 2's validation starts. Exit 143 within seconds, the run said to be
     interrupted, and --resume ends as the uninterrupted run."""
@@ -727,7 +729,7 @@ def test_sigterm_during_a_validation_pass_stops_cleanly_and_resumes(
     assert records.read_json(out / "summary.json")["status"] == "interrupted"
     assert not any(path.name.endswith(".tmp") for path in out.rglob("*"))
 
-    proc = _run(_command(mnist_path, out, "--resume"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch" in proc.stdout
+    status, stdout, err = _in_process(_command(mnist_path, out, "--resume"), capsys)
+    assert status == 0, err
+    assert "resuming after epoch" in stdout
     assert_close_run(out, reference)
